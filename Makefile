@@ -1,0 +1,82 @@
+# imagebuilder: one core library, one program, tests and benchmarks.
+#
+#   make            build build/imagebuilder
+#   make demo       install dependencies, build the example image
+#   make test       install dependencies, run unit and integration tests
+#   make bench      benchmarks against the hand-written pipeline
+#   make SANITIZE=address,undefined test
+
+CC ?= cc
+BUILD ?= build
+PKGS = libarchive openssl sqlite3 ext2fs com_err jansson
+
+WARN = -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+       -Wformat-security -Wwrite-strings -Wvla -fno-common
+ifneq ($(CI),)
+WARN += -Werror
+endif
+ifneq ($(WERROR),)
+WARN += -Werror
+endif
+
+CFLAGS ?= -O2 -g
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -include builder/banned.h \
+	-I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lpthread
+ifneq ($(SANITIZE),)
+ALL_CFLAGS += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=$(SANITIZE)
+endif
+
+LIB_SRC = $(sort $(wildcard builder/*.c steps/*.c cache/*.c))
+CLI_SRC = $(sort $(wildcard cli/*.c))
+UNIT_SRC = $(sort $(wildcard tests/unit/test-*.c))
+
+LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+CLI_OBJ = $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+UNIT_BIN = $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+
+# A change of flags (e.g. SANITIZE) rebuilds everything.
+FLAGS_STAMP = $(BUILD)/.flags
+$(shell mkdir -p $(BUILD) && echo '$(CC) $(ALL_CFLAGS) $(LDFLAGS)' | cmp -s - $(FLAGS_STAMP) || echo '$(CC) $(ALL_CFLAGS) $(LDFLAGS)' > $(FLAGS_STAMP))
+
+all: $(BUILD)/imagebuilder
+
+$(BUILD)/obj/%.o: %.c $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/libimagebuilder.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/imagebuilder: $(CLI_OBJ) $(BUILD)/libimagebuilder.a
+	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) $(BUILD)/libimagebuilder.a $(LIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c tests/unit/test.h $(BUILD)/libimagebuilder.a $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libimagebuilder.a $(LIBS)
+
+deps:
+	@scripts/install-deps.sh
+
+unit: $(UNIT_BIN)
+
+test: deps
+	@$(MAKE) --no-print-directory all unit
+	@tests/run.sh $(BUILD)
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/demo.sh $(BUILD)
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@bench/run.sh $(BUILD)
+
+clean:
+	rm -rf $(BUILD)
+
+.PHONY: all deps unit test demo bench clean
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)

@@ -1,0 +1,677 @@
+#include "build.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "base.h"
+#include "export.h"
+#include "limits.h"
+#include "steps/step.h"
+#include "util.h"
+
+#define STEP_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/*
+ * Files that only record when or how a step ran.  Removed from every new
+ * layer (when the layer itself wrote them) so that they neither bloat the
+ * layer nor make two builds of one spec differ.
+ */
+static const char *const junk_files[] = {
+	"var/log/dpkg.log",
+	"var/log/alternatives.log",
+	"var/log/bootstrap.log",
+	"var/log/apt/history.log",
+	"var/log/apt/term.log",
+	"var/log/apt/eipp.log.xz",
+	"var/cache/ldconfig/aux-cache",
+	"var/cache/apt/pkgcache.bin",
+	"var/cache/apt/srcpkgcache.bin",
+	"var/cache/debconf/config.dat-old",
+	"var/cache/debconf/templates.dat-old",
+	"var/cache/debconf/passwords.dat-old",
+	"var/lib/dpkg/status-old",
+	"var/lib/dpkg/diversions-old",
+	"var/lib/dpkg/statoverride-old",
+};
+
+int ib_build_epoch(int64_t *out)
+{
+	const char *s = getenv("SOURCE_DATE_EPOCH");
+	uint64_t v;
+
+	if (!s || !*s) {
+		*out = IB_DEFAULT_EPOCH;
+		return 0;
+	}
+	if (ib_parse_u64(&v, s, (uint64_t)1 << 40) < 0) {
+		ib_error_prefix("SOURCE_DATE_EPOCH");
+		return IB_EINVALID;
+	}
+	*out = (int64_t)v;
+	return 0;
+}
+
+const char *ib_layer_state_name(ib_layer_state s)
+{
+	switch (s) {
+	case IB_LAYER_PENDING: return "pending";
+	case IB_LAYER_RUNNING: return "running";
+	case IB_LAYER_CACHED: return "cached";
+	case IB_LAYER_DONE: return "done";
+	case IB_LAYER_FAILED: return "failed";
+	}
+	return "unknown";
+}
+
+int ib_build_plan(ib_build **out, const ib_spec *spec)
+{
+	ib_build *b = NULL;
+	ib_base *base = NULL;
+	int err;
+
+	b = ib_xcalloc(1, sizeof(*b));
+	b->spec = spec;
+	b->failed_layer = -1;
+	b->env = json_object();
+	if ((err = ib_build_epoch(&b->epoch)) < 0)
+		goto out;
+	if (spec->python_version) {
+		err = ib_error_set("python_version: pinning a python version is not supported by this "
+				   "imagebuilder yet (see issue 4); leave it out to use the base's python3");
+		goto out;
+	}
+	if ((err = ib_base_load(&base, spec->base)) < 0)
+		goto out;
+	b->arch = ib_xstrdup(base->arch);
+	b->nlayers = spec->nsteps + 1;
+	b->layers = ib_xcalloc(b->nlayers, sizeof(*b->layers));
+
+	b->layers[0].kind = "base";
+	b->layers[0].canonical = ib_xasprintf("%s\nsource_date_epoch=%lld", base->canonical, (long long)b->epoch);
+	ib_key_base(b->layers[0].key, b->layers[0].canonical);
+	for (size_t i = 0; i < spec->nsteps; i++) {
+		ib_build_layer *l = &b->layers[i + 1];
+		l->index = (int)i + 1;
+		l->kind = spec->steps[i].ops->name;
+		l->canonical = ib_step_canonical(&spec->steps[i]);
+		ib_key_step(l->key, b->layers[i].key, l->canonical);
+		if (spec->steps[i].ops == &ib_step_env)
+			json_object_update(b->env, spec->steps[i].arg);
+	}
+	ib_key_image(b->image_id, b->layers[b->nlayers - 1].key);
+out:
+	ib_base_free(base);
+	if (err) {
+		ib_build_free(b);
+		return err;
+	}
+	*out = b;
+	return 0;
+}
+
+void ib_build_free(ib_build *b)
+{
+	if (!b)
+		return;
+	for (size_t i = 0; i < b->nlayers; i++)
+		free(b->layers[i].canonical);
+	free(b->layers);
+	free(b->arch);
+	json_decref(b->env);
+	free(b->error);
+	free(b->log_tail);
+	free(b);
+}
+
+char *ib_build_image_json(const ib_build *b)
+{
+	json_t *doc = json_object(), *layers = json_array(), *spec;
+	char *canon = ib_spec_canonical(b->spec), *s;
+
+	spec = json_loads(canon, 0, NULL);
+	free(canon);
+	for (size_t i = 0; i < b->nlayers; i++)
+		json_array_append_new(layers, json_pack("{s:i, s:s, s:s}", "index", (int)i, "kind", b->layers[i].kind,
+							"key", b->layers[i].key));
+	json_object_set_new(doc, "image_id", json_string(b->image_id));
+	json_object_set_new(doc, "base", json_string(b->spec->base));
+	json_object_set_new(doc, "arch", json_string(b->arch));
+	json_object_set_new(doc, "python_version",
+			    b->spec->python_version ? json_string(b->spec->python_version) : json_null());
+	json_object_set(doc, "env", b->env);
+	json_object_set_new(doc, "layers", layers);
+	json_object_set_new(doc, "spec", spec ? spec : json_null());
+	json_object_set_new(doc, "source_date_epoch", json_integer(b->epoch));
+	s = json_dumps(doc, JSON_INDENT(2) | JSON_SORT_KEYS);
+	json_decref(doc);
+	if (!s)
+		abort();
+	return s;
+}
+
+/* Progress and the build log. */
+struct progress {
+	const ib_build_opts *opts;
+	ib_buf tail; /* the current step's output, the last IB_LOG_TAIL_MAX bytes */
+};
+
+static void emit_raw(struct progress *p, const char *data, size_t len)
+{
+	if (p->opts->log_fd >= 0)
+		ib_write_all(p->opts->log_fd, data, len);
+	if (p->opts->progress)
+		p->opts->progress(data, len, p->opts->progress_arg);
+}
+
+static void emit(struct progress *p, const char *fmt, ...) IB_PRINTF(2, 3);
+
+static void emit(struct progress *p, const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		emit_raw(p, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+}
+
+static void step_output(const char *data, size_t len, void *arg)
+{
+	struct progress *p = arg;
+
+	emit_raw(p, data, len);
+	ib_buf_add(&p->tail, data, len);
+	if (p->tail.len > 2 * IB_LOG_TAIL_MAX) {
+		memmove(p->tail.ptr, p->tail.ptr + p->tail.len - IB_LOG_TAIL_MAX, IB_LOG_TAIL_MAX);
+		p->tail.len = IB_LOG_TAIL_MAX;
+		p->tail.ptr[p->tail.len] = '\0';
+	}
+}
+
+static char *tail_of(const ib_buf *t)
+{
+	size_t off = t->len > IB_LOG_TAIL_MAX ? t->len - IB_LOG_TAIL_MAX : 0;
+
+	return ib_xstrndup(t->ptr ? t->ptr + off : "", t->len - off);
+}
+
+static void remove_junk(const char *upper)
+{
+	for (size_t i = 0; i < sizeof(junk_files) / sizeof(junk_files[0]); i++) {
+		char *path = ib_xasprintf("%s/%s", upper, junk_files[i]);
+		struct stat st;
+
+		if (lstat(path, &st) == 0 && (S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)))
+			unlink(path);
+		free(path);
+	}
+}
+
+/* What a fresh base keeps from the machine that bootstrapped it, made neutral. */
+static int neutralise_base(const char *upper)
+{
+	char *path = ib_xasprintf("%s/etc/resolv.conf", upper);
+	int err = 0;
+
+	unlink(path);
+	if ((err = ib_write_file_atomic(path, "", 0, 0644)) < 0)
+		goto out;
+	free(path);
+	path = ib_xasprintf("%s/etc/hostname", upper);
+	unlink(path);
+	err = ib_write_file_atomic(path, "localhost\n", 10, 0644);
+out:
+	free(path);
+	return err;
+}
+
+/* env for the step at index: the fixed sandbox env, then every earlier env step. */
+static void step_env(ib_strv *env, const ib_build *b, size_t index)
+{
+	json_t *merged = json_object(), *v;
+	const char *k;
+
+	json_object_set_new(merged, "PATH", json_string(STEP_PATH));
+	json_object_set_new(merged, "HOME", json_string("/root"));
+	json_object_set_new(merged, "LANG", json_string("C.UTF-8"));
+	json_object_set_new(merged, "DEBIAN_FRONTEND", json_string("noninteractive"));
+	for (size_t i = 0; i + 1 < index && i < b->spec->nsteps; i++)
+		if (b->spec->steps[i].ops == &ib_step_env)
+			json_object_update(merged, b->spec->steps[i].arg);
+	json_object_foreach(merged, k, v)
+		ib_strv_pushf(env, "%s=%s", k, json_string_value(v));
+	json_decref(merged);
+}
+
+struct run_ctx {
+	ib_build *b;
+	ib_cache *cache;
+	const ib_build_opts *opts;
+	struct progress *prog;
+	double deadline;
+	char *resolv;      /* private copy of the host's resolver config */
+	char *apt_lists;
+	char *apt_archives;
+	char *apt_lock;
+};
+
+static int run_step(struct run_ctx *rc, size_t index, const char *upper, const char *scratch)
+{
+	ib_build *b = rc->b;
+	const ib_step *step = &b->spec->steps[index - 1];
+	ib_step_plan plan = { 0 };
+	ib_step_ctx sctx = { .arch = b->arch, .pip_index_url = rc->opts->pip_index_url, .python = "python3" };
+	ib_strv env = IB_STRV_INIT;
+	const char **lowers = NULL;
+	char **paths = NULL;
+	int err, lockfd = -1;
+
+	if ((err = step->ops->plan(&plan, step->arg, &sctx)) < 0)
+		goto out;
+	if (!plan.ncmds)
+		goto out;
+	paths = ib_xcalloc(index, sizeof(*paths));
+	lowers = ib_xcalloc(index, sizeof(*lowers));
+	for (size_t i = 0; i < index; i++) {
+		paths[i] = ib_cache_layer_path(rc->cache, b->layers[i].key);
+		lowers[i] = paths[i];
+	}
+	step_env(&env, b, index);
+	if (plan.flags & IB_PLAN_APT_CACHE) {
+		/* One apt at a time per architecture on the shared lists. */
+		lockfd = open(rc->apt_lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+		if (lockfd < 0) {
+			err = ib_error_set_errno(errno, "cannot open '%s'", rc->apt_lock);
+			goto out;
+		}
+		while (flock(lockfd, LOCK_EX) < 0 && errno == EINTR)
+			;
+	}
+	ib_run_req req = {
+		.lowers = lowers,
+		.nlowers = index,
+		.upper = upper,
+		.scratch = scratch,
+		.plan = &plan,
+		.env = (const char *const *)env.v,
+		.apt_lists = rc->apt_lists,
+		.apt_archives = rc->apt_archives,
+		.resolv_conf = rc->resolv,
+		.deadline = rc->deadline,
+		.cancel = rc->opts->cancel,
+		.output = step_output,
+		.output_arg = rc->prog,
+	};
+	err = (rc->opts->runner ? rc->opts->runner : &ib_runner_namespace)->run(&req);
+out:
+	if (lockfd >= 0)
+		close(lockfd);
+	if (paths)
+		for (size_t i = 0; i < index; i++)
+			free(paths[i]);
+	free(paths);
+	free(lowers);
+	ib_strv_free(&env);
+	ib_step_plan_free(&plan);
+	return err;
+}
+
+static int build_layer(struct run_ctx *rc, size_t index)
+{
+	ib_build *b = rc->b;
+	ib_build_layer *l = &b->layers[index];
+	char *scratch = NULL, *upper = NULL;
+	int err = 0, lockfd = -1, tmplock = -1, r;
+	double t0;
+
+	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
+		if (r < 0)
+			return r;
+		l->state = IB_LAYER_CACHED;
+		l->cached = true;
+		emit(rc->prog, "[%zu/%zu] %s: cached (%.12s)\n", index + 1, b->nlayers, l->kind, l->key);
+		return 0;
+	}
+	/* Single flight per layer: whoever holds the lock builds it. */
+	if ((err = ib_cache_lock_layer(rc->cache, l->key, &lockfd)) < 0)
+		return err;
+	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
+		ib_cache_unlock(lockfd);
+		if (r < 0)
+			return r;
+		l->state = IB_LAYER_CACHED;
+		l->cached = true;
+		emit(rc->prog, "[%zu/%zu] %s: cached, built meanwhile (%.12s)\n", index + 1, b->nlayers, l->kind,
+		     l->key);
+		return 0;
+	}
+
+	l->state = IB_LAYER_RUNNING;
+	emit(rc->prog, "[%zu/%zu] %s %.200s\n", index + 1, b->nlayers, l->kind,
+	     index ? l->canonical : b->spec->base);
+	ib_buf_reset(&rc->prog->tail);
+	t0 = ib_now();
+	if ((err = ib_cache_mktemp(rc->cache, &scratch, &tmplock)) < 0)
+		goto out;
+	upper = ib_xasprintf("%s/upper", scratch);
+	if (index == 0) {
+		ib_base *base = NULL;
+		ib_proc_opts po = {
+			.output = step_output, .output_arg = rc->prog,
+			.deadline = rc->deadline, .cancel = rc->opts->cancel,
+		};
+		if ((err = ib_base_load(&base, b->spec->base)) == 0)
+			err = ib_base_bootstrap(base, upper, rc->opts->apt_mirror, b->epoch, &po);
+		ib_base_free(base);
+		if (!err)
+			err = neutralise_base(upper);
+	} else {
+		if (mkdir(upper, 0755) < 0)
+			err = ib_error_set_errno(errno, "cannot create '%s'", upper);
+		else
+			err = run_step(rc, index, upper, scratch);
+	}
+	if (err)
+		goto out;
+	remove_junk(upper);
+	if ((err = ib_tree_normalise(upper, b->epoch)) < 0)
+		goto out;
+	l->seconds = ib_now() - t0;
+	err = ib_cache_layer_commit(rc->cache, l->key, index ? b->layers[index - 1].key : NULL, l->kind,
+				    l->canonical, upper, l->seconds, NULL);
+out:
+	if (err) {
+		l->state = IB_LAYER_FAILED;
+		l->seconds = ib_now() - t0;
+		b->failed_layer = (int)index;
+		free(b->log_tail);
+		b->log_tail = tail_of(&rc->prog->tail);
+	} else {
+		l->state = IB_LAYER_DONE;
+		emit(rc->prog, "[%zu/%zu] %s: done in %.1fs (%.12s)\n", index + 1, b->nlayers, l->kind, l->seconds,
+		     l->key);
+	}
+	ib_cache_rmtemp(scratch, tmplock);
+	free(scratch);
+	free(upper);
+	ib_cache_unlock(lockfd);
+	return err;
+}
+
+/* Quote for /etc/environment: KEY="value", shell double-quote escapes. */
+static void env_line(ib_buf *out, const char *k, const char *v)
+{
+	ib_buf_printf(out, "%s=\"", k);
+	for (const char *p = v; *p; p++) {
+		if (*p == '"' || *p == '\\' || *p == '$' || *p == '`')
+			ib_buf_puts(out, "\\");
+		ib_buf_add(out, p, 1);
+	}
+	ib_buf_puts(out, "\"\n");
+}
+
+/* The current /etc/environment of a layer stack: the topmost layer that has one. */
+static char *stack_environment(char *const *layers, size_t n)
+{
+	for (size_t i = n; i-- > 0;) {
+		char *path = ib_xasprintf("%s/etc/environment", layers[i]), *data = NULL;
+		struct stat st;
+		int found = lstat(path, &st) == 0;
+
+		if (found && S_ISREG(st.st_mode) && ib_read_file(&data, NULL, path, 1 << 20) < 0)
+			data = NULL;
+		free(path);
+		if (found)
+			return data ? data : ib_xstrdup("");
+	}
+	return ib_xstrdup("");
+}
+
+/* The metadata layer: /etc/imagebuilder/image.json and the env in /etc/environment. */
+static int make_meta_layer(const char *dir, const char *meta, char *const *layers, size_t n, int64_t epoch)
+{
+	json_t *doc = json_loads(meta, 0, NULL), *env = json_object_get(doc, "env"), *v;
+	ib_buf envfile = IB_BUF_INIT;
+	char *path = NULL, *old = NULL;
+	const char *k;
+	int err = 0;
+
+	path = ib_xasprintf("%s/etc/imagebuilder", dir);
+	if ((err = ib_mkdir_p(path, 0755)) < 0)
+		goto out;
+	free(path);
+	path = ib_xasprintf("%s/etc/imagebuilder/image.json", dir);
+	if ((err = ib_write_file_atomic(path, meta, strlen(meta), 0644)) < 0)
+		goto out;
+	if (json_object_size(env)) {
+		old = stack_environment(layers, n);
+		/* keep the lines of variables the spec does not set */
+		for (char *line = old, *nl; line && *line; line = nl ? nl + 1 : NULL) {
+			size_t klen = strcspn(line, "=\n");
+			nl = strchr(line, '\n');
+			char *name = ib_xstrndup(line, klen);
+			if (!json_object_get(env, name)) {
+				ib_buf_add(&envfile, line, nl ? (size_t)(nl - line) : strlen(line));
+				ib_buf_puts(&envfile, "\n");
+			}
+			free(name);
+		}
+		json_object_foreach(env, k, v)
+			env_line(&envfile, k, json_string_value(v));
+		free(path);
+		path = ib_xasprintf("%s/etc/environment", dir);
+		if ((err = ib_write_file_atomic(path, envfile.ptr, envfile.len, 0644)) < 0)
+			goto out;
+	}
+	err = ib_tree_normalise(dir, epoch);
+out:
+	json_decref(doc);
+	ib_buf_free(&envfile);
+	free(path);
+	free(old);
+	return err;
+}
+
+int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_path, bool tar)
+{
+	char *scratch = NULL, *meta = NULL;
+	char **paths = NULL;
+	const char **layers = NULL;
+	json_t *doc = NULL;
+	int64_t epoch = IB_DEFAULT_EPOCH;
+	int err, tmplock = -1;
+
+	doc = json_loads(img->meta, 0, NULL);
+	if (json_integer_value(json_object_get(doc, "source_date_epoch")))
+		epoch = json_integer_value(json_object_get(doc, "source_date_epoch"));
+	paths = ib_xcalloc(img->nlayers + 1, sizeof(*paths));
+	layers = ib_xcalloc(img->nlayers + 1, sizeof(*layers));
+	for (size_t i = 0; i < img->nlayers; i++) {
+		int r = ib_cache_layer_get(cache, img->layers[i], NULL);
+		paths[i] = ib_cache_layer_path(cache, img->layers[i]);
+		layers[i] = paths[i];
+		if (r <= 0) {
+			err = r < 0 ? r : ib_error_set("layer '%s' of image '%s' is not in the cache",
+						       img->layers[i], img->id);
+			goto out;
+		}
+	}
+	if ((err = ib_cache_mktemp(cache, &scratch, &tmplock)) < 0)
+		goto out;
+	meta = ib_xasprintf("%s/meta", scratch);
+	if ((err = make_meta_layer(meta, img->meta, paths, img->nlayers, epoch)) < 0)
+		goto out;
+	layers[img->nlayers] = meta;
+	ib_export_opts eo = { .image_id = img->id, .epoch = epoch };
+	if (tar)
+		err = ib_tar_write(out_path, layers, img->nlayers + 1, &eo);
+	else
+		err = ib_ext4_write(out_path, layers, img->nlayers + 1, &eo, NULL);
+out:
+	if (paths)
+		for (size_t i = 0; i < img->nlayers; i++)
+			free(paths[i]);
+	free(paths);
+	free(layers);
+	free(meta);
+	json_decref(doc);
+	ib_cache_rmtemp(scratch, tmplock);
+	free(scratch);
+	return err;
+}
+
+static int export_image(struct run_ctx *rc)
+{
+	ib_build *b = rc->b;
+	ib_image_info img = { 0 };
+	char *scratch = NULL, *ext4 = NULL;
+	struct stat st;
+	int err, tmplock = -1;
+	double t0 = ib_now();
+
+	emit(rc->prog, "[export] writing ext4 image %.12s\n", b->image_id);
+	snprintf(img.id, sizeof(img.id), "%s", b->image_id);
+	snprintf(img.top_key, sizeof(img.top_key), "%s", b->layers[b->nlayers - 1].key);
+	snprintf(img.arch, sizeof(img.arch), "%s", b->arch);
+	img.meta = ib_build_image_json(b);
+	img.nlayers = b->nlayers;
+	img.layers = ib_xcalloc(b->nlayers + 1, sizeof(char *));
+	for (size_t i = 0; i < b->nlayers; i++)
+		img.layers[i] = ib_xstrdup(b->layers[i].key);
+
+	if ((err = ib_cache_mktemp(rc->cache, &scratch, &tmplock)) < 0)
+		goto out;
+	ext4 = ib_xasprintf("%s/image.ext4", scratch);
+	if ((err = ib_build_export(rc->cache, &img, ext4, false)) < 0)
+		goto out;
+	if ((err = ib_sha256_file(img.ext4_sha256, ext4)) < 0)
+		goto out;
+	if (stat(ext4, &st) < 0) {
+		err = ib_error_set_errno(errno, "cannot stat '%s'", ext4);
+		goto out;
+	}
+	img.ext4_bytes = (uint64_t)st.st_size;
+	if ((err = ib_cache_image_commit(rc->cache, &img, ext4)) < 0)
+		goto out;
+	snprintf(b->ext4_sha256, sizeof(b->ext4_sha256), "%s", img.ext4_sha256);
+	b->ext4_bytes = img.ext4_bytes;
+	emit(rc->prog, "[export] done in %.1fs: %llu bytes, sha256 %s\n", ib_now() - t0,
+	     (unsigned long long)img.ext4_bytes, img.ext4_sha256);
+out:
+	ib_image_info_clear(&img);
+	ib_cache_rmtemp(scratch, tmplock);
+	free(scratch);
+	free(ext4);
+	return err;
+}
+
+static int prepare(struct run_ctx *rc, char **scratch, int *tmplock)
+{
+	const char *dir = ib_cache_dir(rc->cache);
+	char *data = NULL;
+	size_t len = 0;
+	int err;
+
+	if ((err = ib_cache_mktemp(rc->cache, scratch, tmplock)) < 0)
+		return err;
+	rc->resolv = ib_xasprintf("%s/resolv.conf", *scratch);
+	if (ib_read_file(&data, &len, "/etc/resolv.conf", 1 << 20) < 0) {
+		data = ib_xstrdup("");
+		len = 0;
+	}
+	err = ib_write_file_atomic(rc->resolv, data, len, 0644);
+	free(data);
+	if (err)
+		return err;
+	rc->apt_lists = ib_xasprintf("%s/apt/%s/lists", dir, rc->b->arch);
+	rc->apt_archives = ib_xasprintf("%s/apt/%s/archives", dir, rc->b->arch);
+	rc->apt_lock = ib_xasprintf("%s/apt/%s.lock", dir, rc->b->arch);
+	if ((err = ib_mkdir_p(rc->apt_lists, 0755)) < 0)
+		return err;
+	char *partial = ib_xasprintf("%s/partial", rc->apt_archives);
+	err = ib_mkdir_p(partial, 0755);
+	free(partial);
+	return err;
+}
+
+int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
+{
+	struct progress prog = { .opts = opts, .tail = IB_BUF_INIT };
+	struct run_ctx rc = { .b = b, .cache = cache, .opts = opts, .prog = &prog };
+	char *scratch = NULL;
+	int err = 0, tmplock = -1, r;
+	double timeout = opts->timeout > 0 ? opts->timeout : IB_STEP_TIMEOUT_DEFAULT;
+
+	rc.deadline = ib_now() + timeout;
+	if (!opts->force && (r = ib_cache_image_get(cache, b->image_id, NULL)) != 0) {
+		ib_image_info img = { 0 };
+		if (r < 0 || (err = ib_cache_image_get(cache, b->image_id, &img)) < 0) {
+			err = r < 0 ? r : err;
+			goto out;
+		}
+		b->cached = true;
+		for (size_t i = 0; i < b->nlayers; i++) {
+			b->layers[i].state = IB_LAYER_CACHED;
+			b->layers[i].cached = true;
+		}
+		snprintf(b->ext4_sha256, sizeof(b->ext4_sha256), "%s", img.ext4_sha256);
+		b->ext4_bytes = img.ext4_bytes;
+		ib_image_info_clear(&img);
+		ib_cache_touch_image(cache, b->image_id);
+		emit(&prog, "image %s is cached\n", b->image_id);
+		goto output;
+	}
+
+	if ((err = prepare(&rc, &scratch, &tmplock)) < 0)
+		goto out;
+	for (size_t i = 0; i < b->nlayers; i++) {
+		if (opts->cancel && *opts->cancel) {
+			err = IB_ECANCELED;
+			ib_error_set("build cancelled");
+			b->failed_layer = (int)i;
+			goto out;
+		}
+		if (ib_now() >= rc.deadline) {
+			err = IB_ETIMEOUT;
+			ib_error_set("build timed out after %.0fs", timeout);
+			b->failed_layer = (int)i;
+			goto out;
+		}
+		if ((err = build_layer(&rc, i)) < 0) {
+			if (err == IB_ETIMEOUT)
+				ib_error_set("build timed out after %.0fs", timeout);
+			ib_error_prefix("step %zu (%s)", i, b->layers[i].kind);
+			goto out;
+		}
+	}
+	if ((err = export_image(&rc)) < 0)
+		goto out;
+output:
+	if (opts->output) {
+		char *src = ib_cache_image_path(cache, b->image_id);
+		err = ib_copy_sparse(src, opts->output, 0644);
+		free(src);
+	}
+out:
+	if (err) {
+		free(b->error);
+		b->error = ib_xstrdup(ib_error_last());
+	}
+	ib_cache_rmtemp(scratch, tmplock);
+	free(scratch);
+	free(rc.resolv);
+	free(rc.apt_lists);
+	free(rc.apt_archives);
+	free(rc.apt_lock);
+	ib_buf_free(&prog.tail);
+	return err;
+}

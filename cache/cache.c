@@ -1,0 +1,838 @@
+#include "cache.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <dirent.h>
+#include <stdarg.h>
+
+#include "builder/util.h"
+
+struct ib_cache {
+	char *dir;
+	sqlite3 *db;
+	pthread_mutex_t lock; /* one connection, shared by the server's threads */
+};
+
+/*
+ * The schema, as migrations: entry i brings user_version i to i + 1.  Add
+ * new entries at the end; never edit one that has shipped.
+ */
+static const char *const migrations[] = {
+	"CREATE TABLE layers ("
+	"  key TEXT PRIMARY KEY,"
+	"  parent TEXT NOT NULL,"
+	"  kind TEXT NOT NULL,"
+	"  step TEXT NOT NULL,"
+	"  digest TEXT NOT NULL,"
+	"  bytes INTEGER NOT NULL,"
+	"  files INTEGER NOT NULL,"
+	"  seconds REAL NOT NULL,"
+	"  created INTEGER NOT NULL,"
+	"  last_used INTEGER NOT NULL);"
+	"CREATE TABLE images ("
+	"  id TEXT PRIMARY KEY,"
+	"  top_key TEXT NOT NULL,"
+	"  arch TEXT NOT NULL,"
+	"  ext4_sha256 TEXT NOT NULL,"
+	"  ext4_bytes INTEGER NOT NULL,"
+	"  meta TEXT NOT NULL,"
+	"  created INTEGER NOT NULL,"
+	"  last_used INTEGER NOT NULL);"
+	"CREATE TABLE image_layers ("
+	"  image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,"
+	"  idx INTEGER NOT NULL,"
+	"  key TEXT NOT NULL,"
+	"  PRIMARY KEY (image_id, idx));"
+	"CREATE INDEX image_layers_key ON image_layers(key);"
+	"CREATE TABLE builds ("
+	"  id TEXT PRIMARY KEY,"
+	"  image_id TEXT NOT NULL,"
+	"  status TEXT NOT NULL,"
+	"  spec TEXT NOT NULL,"
+	"  created INTEGER NOT NULL,"
+	"  finished INTEGER,"
+	"  error TEXT);",
+};
+
+static int db_error(sqlite3 *db, const char *what)
+{
+	return ib_error_set("%s: %s", what, sqlite3_errmsg(db));
+}
+
+static int exec_sql(sqlite3 *db, const char *sql)
+{
+	char *msg = NULL;
+
+	if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+		ib_error_set("cache index: %s", msg ? msg : sqlite3_errmsg(db));
+		sqlite3_free(msg);
+		return IB_ERROR;
+	}
+	return 0;
+}
+
+static int migrate(sqlite3 *db)
+{
+	sqlite3_stmt *st = NULL;
+	int version, err = 0;
+	size_t n = sizeof(migrations) / sizeof(migrations[0]);
+
+	if (exec_sql(db, "BEGIN IMMEDIATE") < 0)
+		return IB_ERROR;
+	if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK ||
+	    sqlite3_step(st) != SQLITE_ROW) {
+		err = db_error(db, "cannot read the cache index version");
+		goto out;
+	}
+	version = sqlite3_column_int(st, 0);
+	if (version < 0 || (size_t)version > n) {
+		err = ib_error_set("cache index version %d is newer than this imagebuilder (%zu)", version, n);
+		goto out;
+	}
+	for (size_t i = (size_t)version; i < n; i++) {
+		char pragma[64];
+		if ((err = exec_sql(db, migrations[i])) < 0)
+			goto out;
+		snprintf(pragma, sizeof(pragma), "PRAGMA user_version = %zu", i + 1);
+		if ((err = exec_sql(db, pragma)) < 0)
+			goto out;
+	}
+out:
+	sqlite3_finalize(st);
+	if (exec_sql(db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
+		err = IB_ERROR;
+	return err;
+}
+
+int ib_cache_open(ib_cache **out, const char *dir)
+{
+	static const char *const subdirs[] = { "layers", "images", "tmp", "locks", "logs", "apt" };
+	ib_cache *c = NULL;
+	char *path = NULL;
+	int err = 0;
+
+	c = ib_xcalloc(1, sizeof(*c));
+	c->dir = ib_xstrdup(dir);
+	pthread_mutex_init(&c->lock, NULL);
+	if ((err = ib_mkdir_p(dir, 0755)) < 0)
+		goto out;
+	for (size_t i = 0; i < sizeof(subdirs) / sizeof(subdirs[0]); i++) {
+		free(path);
+		path = ib_xasprintf("%s/%s", dir, subdirs[i]);
+		if (mkdir(path, 0755) < 0 && errno != EEXIST) {
+			err = ib_error_set_errno(errno, "cannot create '%s'", path);
+			goto out;
+		}
+	}
+	free(path);
+	path = ib_xasprintf("%s/index.db", dir);
+	if (sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+			    NULL) != SQLITE_OK) {
+		err = ib_error_set("cannot open cache index '%s': %s", path,
+				   c->db ? sqlite3_errmsg(c->db) : "out of memory");
+		goto out;
+	}
+	sqlite3_busy_timeout(c->db, 60000);
+	if ((err = exec_sql(c->db, "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL")) < 0)
+		goto out;
+	if ((err = migrate(c->db)) < 0)
+		goto out;
+out:
+	free(path);
+	if (err) {
+		ib_cache_close(c);
+		return err;
+	}
+	*out = c;
+	return 0;
+}
+
+void ib_cache_close(ib_cache *c)
+{
+	if (!c)
+		return;
+	if (c->db)
+		sqlite3_close(c->db);
+	pthread_mutex_destroy(&c->lock);
+	free(c->dir);
+	free(c);
+}
+
+const char *ib_cache_dir(const ib_cache *c)
+{
+	return c->dir;
+}
+
+struct sqlite3 *ib_cache_db(ib_cache *c)
+{
+	return c->db;
+}
+
+char *ib_cache_layer_path(const ib_cache *c, const char *key)
+{
+	return ib_xasprintf("%s/layers/%s", c->dir, key);
+}
+
+char *ib_cache_image_path(const ib_cache *c, const char *id)
+{
+	return ib_xasprintf("%s/images/%s.ext4", c->dir, id);
+}
+
+static int lock_file(const char *path, int op, int *out_fd)
+{
+	int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+
+	if (fd < 0)
+		return ib_error_set_errno(errno, "cannot open lock '%s'", path);
+	while (flock(fd, op) < 0) {
+		if (errno == EINTR)
+			continue;
+		int e = errno;
+		close(fd);
+		if (e == EWOULDBLOCK)
+			return IB_EEXISTS;
+		return ib_error_set_errno(e, "cannot lock '%s'", path);
+	}
+	*out_fd = fd;
+	return 0;
+}
+
+int ib_cache_mktemp(ib_cache *c, char **out, int *out_lockfd)
+{
+	char *tmpl = ib_xasprintf("%s/tmp/b-XXXXXX", c->dir);
+	char *lock = NULL;
+	int fd = -1, err;
+
+	if (!mkdtemp(tmpl)) {
+		err = ib_error_set_errno(errno, "cannot create a directory in '%s/tmp'", c->dir);
+		free(tmpl);
+		return err;
+	}
+	lock = ib_xasprintf("%s.lock", tmpl);
+	err = lock_file(lock, LOCK_EX, &fd);
+	free(lock);
+	if (err) {
+		rmdir(tmpl);
+		free(tmpl);
+		return err;
+	}
+	*out = tmpl;
+	*out_lockfd = fd;
+	return 0;
+}
+
+void ib_cache_rmtemp(char *path, int lockfd)
+{
+	if (path) {
+		char *lock = ib_xasprintf("%s.lock", path);
+		ib_rm_rf(path);
+		unlink(lock);
+		free(lock);
+	}
+	if (lockfd >= 0)
+		close(lockfd);
+}
+
+int ib_cache_clean_tmp(ib_cache *c)
+{
+	char *tmp = ib_xasprintf("%s/tmp", c->dir);
+	DIR *d = opendir(tmp);
+	struct dirent *de;
+	int err = 0;
+
+	if (!d) {
+		err = ib_error_set_errno(errno, "cannot read '%s'", tmp);
+		free(tmp);
+		return err;
+	}
+	while ((de = readdir(d))) {
+		size_t len = strlen(de->d_name);
+		char *lock, *dir;
+		int fd;
+
+		if (len < 6 || strcmp(de->d_name + len - 5, ".lock"))
+			continue;
+		lock = ib_xasprintf("%s/%s", tmp, de->d_name);
+		dir = ib_xasprintf("%s/%.*s", tmp, (int)(len - 5), de->d_name);
+		if (lock_file(lock, LOCK_EX | LOCK_NB, &fd) == 0) {
+			ib_rm_rf(dir);
+			unlink(lock);
+			close(fd);
+		}
+		free(lock);
+		free(dir);
+	}
+	closedir(d);
+	free(tmp);
+	return err;
+}
+
+int ib_cache_lock_layer(ib_cache *c, const char *key, int *out_fd)
+{
+	char *path = ib_xasprintf("%s/locks/%s.lock", c->dir, key);
+	int err = lock_file(path, LOCK_EX, out_fd);
+
+	free(path);
+	return err;
+}
+
+void ib_cache_unlock(int fd)
+{
+	if (fd >= 0)
+		close(fd);
+}
+
+static void copy_col(char *dst, size_t size, sqlite3_stmt *st, int col)
+{
+	const unsigned char *s = sqlite3_column_text(st, col);
+
+	snprintf(dst, size, "%s", s ? (const char *)s : "");
+}
+
+static int path_is_dir(const char *path)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int path_is_file(const char *path)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int ib_cache_layer_get(ib_cache *c, const char *key, ib_layer_info *info)
+{
+	sqlite3_stmt *st = NULL;
+	char *path = NULL;
+	int rc, ret = 0;
+
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "SELECT key, parent, digest, kind, bytes, files, seconds"
+				      " FROM layers WHERE key = ?", -1, &st, NULL) != SQLITE_OK) {
+		ret = db_error(c->db, "cannot read the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_DONE)
+		goto out;
+	if (rc != SQLITE_ROW) {
+		ret = db_error(c->db, "cannot read the cache index");
+		goto out;
+	}
+	path = ib_cache_layer_path(c, key);
+	if (!path_is_dir(path))
+		goto out;
+	ret = 1;
+	if (info) {
+		copy_col(info->key, sizeof(info->key), st, 0);
+		copy_col(info->parent, sizeof(info->parent), st, 1);
+		copy_col(info->digest, sizeof(info->digest), st, 2);
+		copy_col(info->kind, sizeof(info->kind), st, 3);
+		info->bytes = (uint64_t)sqlite3_column_int64(st, 4);
+		info->files = (uint64_t)sqlite3_column_int64(st, 5);
+		info->seconds = sqlite3_column_double(st, 6);
+	}
+out:
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+	free(path);
+	return ret;
+}
+
+static int delete_layer_row(ib_cache *c, const char *key)
+{
+	sqlite3_stmt *st = NULL;
+	int err = 0;
+
+	if (sqlite3_prepare_v2(c->db, "DELETE FROM layers WHERE key = ?", -1, &st, NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+	if (sqlite3_step(st) != SQLITE_DONE)
+		err = db_error(c->db, "cannot update the cache index");
+out:
+	sqlite3_finalize(st);
+	return err;
+}
+
+/* Move path out of the way into tmp/ and remove it there. */
+static int discard_dir(ib_cache *c, const char *path)
+{
+	char *trash = NULL;
+	int fd = -1, err;
+
+	if ((err = ib_cache_mktemp(c, &trash, &fd)) < 0)
+		return err;
+	char *dst = ib_xasprintf("%s/old", trash);
+	if (rename(path, dst) < 0 && errno != ENOENT)
+		err = ib_error_set_errno(errno, "cannot move '%s' aside", path);
+	free(dst);
+	ib_cache_rmtemp(trash, fd);
+	free(trash);
+	return err;
+}
+
+int ib_cache_layer_commit(ib_cache *c, const char *key, const char *parent, const char *kind,
+			  const char *step, const char *tmpdir, double seconds, ib_layer_info *out_info)
+{
+	char digest[IB_SHA256_HEX];
+	uint64_t bytes = 0, files = 0;
+	char *path = NULL, *layers = NULL;
+	sqlite3_stmt *st = NULL;
+	int fd, err, renamed = 0;
+	int64_t now = (int64_t)time(NULL);
+
+	if ((err = ib_tree_digest(digest, tmpdir, &bytes, &files)) < 0)
+		return err;
+
+	/* The content must be on disk before a row can point at it. */
+	fd = open(tmpdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return ib_error_set_errno(errno, "cannot open '%s'", tmpdir);
+	if (syncfs(fd) < 0) {
+		err = ib_error_set_errno(errno, "cannot sync '%s'", tmpdir);
+		close(fd);
+		return err;
+	}
+	close(fd);
+
+	path = ib_cache_layer_path(c, key);
+	layers = ib_xasprintf("%s/layers", c->dir);
+
+	pthread_mutex_lock(&c->lock);
+	if (path_is_dir(path)) {
+		if ((err = delete_layer_row(c, key)) < 0)
+			goto out;
+		if ((err = discard_dir(c, path)) < 0)
+			goto out;
+	}
+	if (rename(tmpdir, path) < 0) {
+		err = ib_error_set_errno(errno, "cannot move layer into '%s'", path);
+		goto out;
+	}
+	renamed = 1;
+	if ((err = ib_fsync_dir(layers)) < 0)
+		goto out;
+
+	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO layers (key, parent, kind, step, digest, bytes,"
+				      " files, seconds, created, last_used) VALUES (?,?,?,?,?,?,?,?,?,?)",
+			       -1, &st, NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 2, parent ? parent : "", -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 3, kind, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 4, step, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 5, digest, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st, 6, (sqlite3_int64)bytes);
+	sqlite3_bind_int64(st, 7, (sqlite3_int64)files);
+	sqlite3_bind_double(st, 8, seconds);
+	sqlite3_bind_int64(st, 9, now);
+	sqlite3_bind_int64(st, 10, now);
+	if (sqlite3_step(st) != SQLITE_DONE)
+		err = db_error(c->db, "cannot update the cache index");
+out:
+	sqlite3_finalize(st);
+	if (err && renamed && rename(path, tmpdir) < 0)
+		ib_rm_rf(path);
+	pthread_mutex_unlock(&c->lock);
+	if (!err && out_info) {
+		memset(out_info, 0, sizeof(*out_info));
+		snprintf(out_info->key, sizeof(out_info->key), "%s", key);
+		snprintf(out_info->parent, sizeof(out_info->parent), "%s", parent ? parent : "");
+		snprintf(out_info->digest, sizeof(out_info->digest), "%s", digest);
+		snprintf(out_info->kind, sizeof(out_info->kind), "%s", kind);
+		out_info->bytes = bytes;
+		out_info->files = files;
+		out_info->seconds = seconds;
+	}
+	free(path);
+	free(layers);
+	return err;
+}
+
+int ib_cache_layer_remove(ib_cache *c, const char *key)
+{
+	char *path = ib_cache_layer_path(c, key);
+	int err;
+
+	pthread_mutex_lock(&c->lock);
+	err = delete_layer_row(c, key);
+	if (!err)
+		err = discard_dir(c, path);
+	pthread_mutex_unlock(&c->lock);
+	free(path);
+	return err;
+}
+
+void ib_image_info_clear(ib_image_info *info)
+{
+	if (!info)
+		return;
+	free(info->meta);
+	if (info->layers)
+		for (size_t i = 0; i < info->nlayers; i++)
+			free(info->layers[i]);
+	free(info->layers);
+	memset(info, 0, sizeof(*info));
+}
+
+static int load_image_layers(ib_cache *c, ib_image_info *info)
+{
+	sqlite3_stmt *st = NULL;
+	int rc, err = 0;
+
+	if (sqlite3_prepare_v2(c->db, "SELECT key FROM image_layers WHERE image_id = ? ORDER BY idx",
+			       -1, &st, NULL) != SQLITE_OK)
+		return db_error(c->db, "cannot read the cache index");
+	sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		info->layers = ib_xrealloc(info->layers, (info->nlayers + 2) * sizeof(char *));
+		info->layers[info->nlayers++] = ib_xstrdup((const char *)sqlite3_column_text(st, 0));
+		info->layers[info->nlayers] = NULL;
+	}
+	if (rc != SQLITE_DONE)
+		err = db_error(c->db, "cannot read the cache index");
+	sqlite3_finalize(st);
+	return err;
+}
+
+static void image_from_row(ib_image_info *info, sqlite3_stmt *st)
+{
+	memset(info, 0, sizeof(*info));
+	copy_col(info->id, sizeof(info->id), st, 0);
+	copy_col(info->top_key, sizeof(info->top_key), st, 1);
+	copy_col(info->arch, sizeof(info->arch), st, 2);
+	copy_col(info->ext4_sha256, sizeof(info->ext4_sha256), st, 3);
+	info->ext4_bytes = (uint64_t)sqlite3_column_int64(st, 4);
+	info->meta = ib_xstrdup((const char *)sqlite3_column_text(st, 5));
+	info->created = sqlite3_column_int64(st, 6);
+}
+
+#define IMAGE_COLS "id, top_key, arch, ext4_sha256, ext4_bytes, meta, created"
+
+int ib_cache_image_get(ib_cache *c, const char *id, ib_image_info *info)
+{
+	sqlite3_stmt *st = NULL;
+	ib_image_info tmp;
+	char *path = NULL;
+	int rc, ret = 0;
+
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "SELECT " IMAGE_COLS " FROM images WHERE id = ?", -1, &st, NULL) !=
+	    SQLITE_OK) {
+		ret = db_error(c->db, "cannot read the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_DONE)
+		goto out;
+	if (rc != SQLITE_ROW) {
+		ret = db_error(c->db, "cannot read the cache index");
+		goto out;
+	}
+	path = ib_cache_image_path(c, id);
+	if (!path_is_file(path))
+		goto out;
+	ret = 1;
+	if (info) {
+		image_from_row(&tmp, st);
+		if ((ret = load_image_layers(c, &tmp)) < 0) {
+			ib_image_info_clear(&tmp);
+			goto out;
+		}
+		ret = 1;
+		*info = tmp;
+	}
+out:
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+	free(path);
+	return ret;
+}
+
+int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ext4_tmp)
+{
+	char *path = ib_cache_image_path(c, info->id);
+	char *images = ib_xasprintf("%s/images", c->dir);
+	sqlite3_stmt *st = NULL;
+	int err = 0, in_tx = 0;
+	int64_t now = (int64_t)time(NULL);
+	int fd;
+
+	fd = open(ext4_tmp, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || fsync(fd) < 0) {
+		err = ib_error_set_errno(errno, "cannot sync '%s'", ext4_tmp);
+		if (fd >= 0)
+			close(fd);
+		goto out_nolock;
+	}
+	close(fd);
+
+	pthread_mutex_lock(&c->lock);
+	if (rename(ext4_tmp, path) < 0) {
+		err = ib_error_set_errno(errno, "cannot move image into '%s'", path);
+		goto out;
+	}
+	if ((err = ib_fsync_dir(images)) < 0)
+		goto out;
+	if ((err = exec_sql(c->db, "BEGIN IMMEDIATE")) < 0)
+		goto out;
+	in_tx = 1;
+	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO images (id, top_key, arch, ext4_sha256,"
+				      " ext4_bytes, meta, created, last_used) VALUES (?,?,?,?,?,?,?,?)",
+			       -1, &st, NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 2, info->top_key, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 3, info->arch, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 4, info->ext4_sha256, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st, 5, (sqlite3_int64)info->ext4_bytes);
+	sqlite3_bind_text(st, 6, info->meta, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st, 7, now);
+	sqlite3_bind_int64(st, 8, now);
+	if (sqlite3_step(st) != SQLITE_DONE) {
+		err = db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_finalize(st);
+	st = NULL;
+	if (sqlite3_prepare_v2(c->db, "DELETE FROM image_layers WHERE image_id = ?", -1, &st, NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
+	if (sqlite3_step(st) != SQLITE_DONE) {
+		err = db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_finalize(st);
+	st = NULL;
+	if (sqlite3_prepare_v2(c->db, "INSERT INTO image_layers (image_id, idx, key) VALUES (?,?,?)", -1, &st,
+			       NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	for (size_t i = 0; i < info->nlayers; i++) {
+		sqlite3_reset(st);
+		sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(st, 2, (sqlite3_int64)i);
+		sqlite3_bind_text(st, 3, info->layers[i], -1, SQLITE_STATIC);
+		if (sqlite3_step(st) != SQLITE_DONE) {
+			err = db_error(c->db, "cannot update the cache index");
+			goto out;
+		}
+	}
+out:
+	sqlite3_finalize(st);
+	if (in_tx && exec_sql(c->db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
+		err = IB_ERROR;
+	if (err)
+		unlink(path);
+	pthread_mutex_unlock(&c->lock);
+out_nolock:
+	free(path);
+	free(images);
+	return err;
+}
+
+void ib_cache_touch_image(ib_cache *c, const char *id)
+{
+	sqlite3_stmt *st = NULL;
+
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "UPDATE images SET last_used = ? WHERE id = ?", -1, &st, NULL) == SQLITE_OK) {
+		sqlite3_bind_int64(st, 1, (sqlite3_int64)time(NULL));
+		sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+		sqlite3_step(st);
+	}
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+}
+
+int ib_cache_images_foreach(ib_cache *c, ib_cache_image_cb cb, void *arg)
+{
+	sqlite3_stmt *st = NULL;
+	ib_image_info *rows = NULL;
+	size_t n = 0;
+	int rc, err = 0;
+
+	/* Collect first: the callback may use the cache itself. */
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "SELECT " IMAGE_COLS " FROM images ORDER BY created DESC, id", -1, &st,
+			       NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot read the cache index");
+		pthread_mutex_unlock(&c->lock);
+		return err;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		rows = ib_xrealloc(rows, (n + 1) * sizeof(*rows));
+		image_from_row(&rows[n], st);
+		if ((err = load_image_layers(c, &rows[n++])) < 0)
+			break;
+	}
+	if (!err && rc != SQLITE_DONE)
+		err = db_error(c->db, "cannot read the cache index");
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+	for (size_t i = 0; i < n && !err; i++)
+		err = cb(&rows[i], arg);
+	for (size_t i = 0; i < n; i++)
+		ib_image_info_clear(&rows[i]);
+	free(rows);
+	return err;
+}
+
+struct verify_ctx {
+	ib_cache_report_cb report;
+	void *arg;
+	unsigned problems;
+};
+
+static void vreport(struct verify_ctx *v, const char *what, bool problem, const char *fmt, ...)
+	IB_PRINTF(4, 5);
+
+static void vreport(struct verify_ctx *v, const char *what, bool problem, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (problem)
+		v->problems++;
+	if (v->report)
+		v->report(what, msg, problem, v->arg);
+}
+
+int ib_cache_verify(ib_cache *c, ib_cache_report_cb report, void *arg, unsigned *out_problems)
+{
+	struct verify_ctx v = { report, arg, 0 };
+	sqlite3_stmt *st = NULL;
+	char **keys = NULL, **digests = NULL, **ids = NULL, **shas = NULL;
+	size_t nkeys = 0, nids = 0;
+	int rc, err = 0;
+	DIR *d = NULL;
+	struct dirent *de;
+	char *path = NULL;
+
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "SELECT key, digest FROM layers ORDER BY key", -1, &st, NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot read the cache index");
+		pthread_mutex_unlock(&c->lock);
+		goto out;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		keys = ib_xrealloc(keys, (nkeys + 1) * sizeof(char *));
+		digests = ib_xrealloc(digests, (nkeys + 1) * sizeof(char *));
+		keys[nkeys] = ib_xstrdup((const char *)sqlite3_column_text(st, 0));
+		digests[nkeys++] = ib_xstrdup((const char *)sqlite3_column_text(st, 1));
+	}
+	sqlite3_finalize(st);
+	st = NULL;
+	if (sqlite3_prepare_v2(c->db, "SELECT id, ext4_sha256 FROM images ORDER BY id", -1, &st, NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot read the cache index");
+		pthread_mutex_unlock(&c->lock);
+		goto out;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		ids = ib_xrealloc(ids, (nids + 1) * sizeof(char *));
+		shas = ib_xrealloc(shas, (nids + 1) * sizeof(char *));
+		ids[nids] = ib_xstrdup((const char *)sqlite3_column_text(st, 0));
+		shas[nids++] = ib_xstrdup((const char *)sqlite3_column_text(st, 1));
+	}
+	sqlite3_finalize(st);
+	st = NULL;
+	/* Images whose layer list names a layer that has no row. */
+	if (sqlite3_prepare_v2(c->db, "SELECT image_id, key FROM image_layers WHERE key NOT IN"
+				      " (SELECT key FROM layers)", -1, &st, NULL) != SQLITE_OK) {
+		err = db_error(c->db, "cannot read the cache index");
+		pthread_mutex_unlock(&c->lock);
+		goto out;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+		vreport(&v, (const char *)sqlite3_column_text(st, 0), true, "layer '%s' of the image is not in the cache",
+			(const char *)sqlite3_column_text(st, 1));
+	sqlite3_finalize(st);
+	st = NULL;
+	pthread_mutex_unlock(&c->lock);
+
+	for (size_t i = 0; i < nkeys; i++) {
+		char hex[IB_SHA256_HEX];
+		free(path);
+		path = ib_cache_layer_path(c, keys[i]);
+		if (!path_is_dir(path)) {
+			vreport(&v, keys[i], true, "layer directory '%s' is missing", path);
+			continue;
+		}
+		if (ib_tree_digest(hex, path, NULL, NULL) < 0) {
+			vreport(&v, keys[i], true, "%s", ib_error_last());
+			continue;
+		}
+		if (strcmp(hex, digests[i]))
+			vreport(&v, keys[i], true, "layer content changed: digest %s, expected %s", hex, digests[i]);
+	}
+	for (size_t i = 0; i < nids; i++) {
+		char hex[IB_SHA256_HEX];
+		free(path);
+		path = ib_cache_image_path(c, ids[i]);
+		if (ib_sha256_file(hex, path) < 0) {
+			vreport(&v, ids[i], true, "%s", ib_error_last());
+			continue;
+		}
+		if (strcmp(hex, shas[i]))
+			vreport(&v, ids[i], true, "image file changed: sha256 %s, expected %s", hex, shas[i]);
+	}
+
+	/* Notes: directories no row points at, and scratch left by dead builds. */
+	free(path);
+	path = ib_xasprintf("%s/layers", c->dir);
+	d = opendir(path);
+	while (d && (de = readdir(d))) {
+		bool known = false;
+		if (de->d_name[0] == '.')
+			continue;
+		for (size_t i = 0; i < nkeys && !known; i++)
+			known = !strcmp(keys[i], de->d_name);
+		if (!known)
+			vreport(&v, de->d_name, false, "layer directory has no index row (unused, removable)");
+	}
+	if (d)
+		closedir(d);
+out:
+	sqlite3_finalize(st);
+	for (size_t i = 0; i < nkeys; i++) {
+		free(keys[i]);
+		free(digests[i]);
+	}
+	for (size_t i = 0; i < nids; i++) {
+		free(ids[i]);
+		free(shas[i]);
+	}
+	free(keys);
+	free(digests);
+	free(ids);
+	free(shas);
+	free(path);
+	if (!err && out_problems)
+		*out_problems = v.problems;
+	return err;
+}

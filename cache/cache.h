@@ -1,0 +1,139 @@
+#ifndef IB_CACHE_H
+#define IB_CACHE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "builder/hash.h"
+
+/*
+ * The cache: a sqlite index (WAL) beside a content store.
+ *
+ *   DIR/index.db            layers, images, builds
+ *   DIR/layers/<key>/       one overlayfs upper dir per committed layer
+ *   DIR/images/<id>.ext4    exported images
+ *   DIR/tmp/                scratch for builds in progress (removed on failure)
+ *   DIR/locks/<key>.lock    per-layer build locks (flock), shared with any
+ *                           other process using the same DIR
+ *   DIR/logs/<build>.log    build logs
+ *   DIR/apt/<arch>/         apt lists and archives shared by apt steps
+ *
+ * Invariant: a row exists only for data that is complete and was verified
+ * when committed; files are renamed into place before their row is
+ * inserted, and rows are deleted before their files.
+ */
+typedef struct ib_cache ib_cache;
+
+/* Open (creating when missing) the cache in dir. */
+int ib_cache_open(ib_cache **out, const char *dir);
+void ib_cache_close(ib_cache *cache);
+
+const char *ib_cache_dir(const ib_cache *cache);
+
+/* Paths inside the cache, owned by the caller. */
+char *ib_cache_layer_path(const ib_cache *cache, const char *key);
+char *ib_cache_image_path(const ib_cache *cache, const char *image_id);
+
+/*
+ * A fresh, empty scratch directory under tmp/, owned by the caller, with a
+ * lock held on it (*out_lockfd) so that ib_cache_clean_tmp() in another
+ * process leaves it alone while this one lives.  ib_cache_rmtemp() removes
+ * the directory and releases the lock; both accept NULL / -1.
+ */
+int ib_cache_mktemp(ib_cache *cache, char **out, int *out_lockfd);
+void ib_cache_rmtemp(char *path, int lockfd);
+
+/* Committed layer's row. */
+typedef struct ib_layer_info {
+	char key[IB_SHA256_HEX];
+	char parent[IB_SHA256_HEX]; /* "" for a base */
+	char digest[IB_SHA256_HEX]; /* tree digest of the content */
+	char kind[32];
+	uint64_t bytes;
+	uint64_t files;
+	double seconds;
+} ib_layer_info;
+
+/*
+ * Is the layer committed (row present and its directory there)?  Returns 1
+ * yes, 0 no, <0 error.  info may be NULL.
+ */
+int ib_cache_layer_get(ib_cache *cache, const char *key, ib_layer_info *info);
+
+/*
+ * Commit a finished layer: tmpdir (already normalised) is hashed, renamed
+ * to layers/<key>, then its row is inserted.  On failure nothing of the
+ * layer is left in the store (tmpdir is the caller's to remove).  A layer
+ * already present is replaced (a forced rebuild).
+ */
+int ib_cache_layer_commit(ib_cache *cache, const char *key, const char *parent,
+			  const char *kind, const char *step, const char *tmpdir,
+			  double seconds, ib_layer_info *out_info);
+
+/* Remove a layer's row, then its directory. */
+int ib_cache_layer_remove(ib_cache *cache, const char *key);
+
+/* Take the per-layer lock (blocking); returns an fd to pass to unlock. */
+int ib_cache_lock_layer(ib_cache *cache, const char *key, int *out_fd);
+void ib_cache_unlock(int fd);
+
+/* An image's row. */
+typedef struct ib_image_info {
+	char id[IB_SHA256_HEX];
+	char top_key[IB_SHA256_HEX];
+	char ext4_sha256[IB_SHA256_HEX];
+	uint64_t ext4_bytes;
+	char arch[16];
+	int64_t created;
+	char *meta;   /* image.json document (owned) */
+	char **layers; /* keys bottom first, NULL-terminated (owned) */
+	size_t nlayers;
+} ib_image_info;
+
+void ib_image_info_clear(ib_image_info *info);
+
+/* 1 found (and its ext4 present), 0 not, <0 error.  info may be NULL. */
+int ib_cache_image_get(ib_cache *cache, const char *id, ib_image_info *info);
+
+/*
+ * Commit an exported image: ext4_tmp is renamed to images/<id>.ext4, then
+ * the row (with the layer list and metadata) is inserted.
+ */
+int ib_cache_image_commit(ib_cache *cache, const ib_image_info *info, const char *ext4_tmp);
+
+/* Mark an image or layer used now (gc's LRU clock). */
+void ib_cache_touch_image(ib_cache *cache, const char *id);
+
+/* Iterate images newest first. */
+typedef int (*ib_cache_image_cb)(const ib_image_info *info, void *arg);
+int ib_cache_images_foreach(ib_cache *cache, ib_cache_image_cb cb, void *arg);
+
+/*
+ * Re-hash every layer and image and check every row points at intact data.
+ * report() is called once per problem (and may be NULL); *out_problems
+ * receives the count.  Leftovers in tmp/ and unindexed directories are
+ * reported as notes (not problems).
+ */
+typedef void (*ib_cache_report_cb)(const char *what, const char *msg, bool problem, void *arg);
+int ib_cache_verify(ib_cache *cache, ib_cache_report_cb report, void *arg, unsigned *out_problems);
+
+/* Remove scratch directories left by builds that died (called on open by builders). */
+int ib_cache_clean_tmp(ib_cache *cache);
+
+/* The raw sqlite handle, for modules that keep their own tables (builds). */
+struct sqlite3 *ib_cache_db(ib_cache *cache);
+
+/*
+ * Tree walking on a layer directory.
+ *
+ * ib_tree_normalise(): make a finished upper dir reproducible: strip
+ * overlayfs bookkeeping xattrs (keeping opaque markers), clamp every
+ * timestamp to epoch.
+ *
+ * ib_tree_digest(): SHA-256 over a sorted walk (names, types, modes,
+ * owners, sizes, mtimes, device numbers, link targets, xattrs, contents).
+ */
+int ib_tree_normalise(const char *dir, int64_t epoch);
+int ib_tree_digest(char hex[IB_SHA256_HEX], const char *dir, uint64_t *out_bytes, uint64_t *out_files);
+
+#endif

@@ -1,0 +1,183 @@
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "builder/build.h"
+#include "builder/limits.h"
+#include "builder/util.h"
+#include "cli.h"
+
+static const char build_usage[] = "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S]";
+
+static volatile int cancel_flag;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	cancel_flag = 1;
+}
+
+static void to_stderr(const char *data, size_t len, void *arg)
+{
+	(void)arg;
+	fwrite(data, 1, len, stderr);
+}
+
+static const char *status_of(int err)
+{
+	switch (err) {
+	case 0: return "ready";
+	case IB_ETIMEOUT: return "timeout";
+	case IB_ECANCELED: return "cancelled";
+	default: return "failed";
+	}
+}
+
+static void print_json(const ib_build *b, int err, const char *output, const char *log_path)
+{
+	json_t *doc = json_object(), *layers = json_array();
+	char *s;
+
+	for (size_t i = 0; i < b->nlayers; i++) {
+		const ib_build_layer *l = &b->layers[i];
+		json_array_append_new(layers, json_pack("{s:i, s:s, s:s, s:b, s:f, s:s}", "index", (int)i, "kind",
+							l->kind, "key", l->key, "cached", l->cached, "seconds",
+							l->seconds, "state", ib_layer_state_name(l->state)));
+	}
+	json_object_set_new(doc, "image_id", json_string(b->image_id));
+	json_object_set_new(doc, "status", json_string(status_of(err)));
+	json_object_set_new(doc, "cached", json_boolean(b->cached));
+	json_object_set_new(doc, "output", output && !err ? json_string(output) : json_null());
+	json_object_set_new(doc, "ext4_sha256", err ? json_null() : json_string(b->ext4_sha256));
+	json_object_set_new(doc, "ext4_bytes", err ? json_null() : json_integer((json_int_t)b->ext4_bytes));
+	json_object_set_new(doc, "layers", layers);
+	json_object_set_new(doc, "log", log_path ? json_string(log_path) : json_null());
+	if (err)
+		json_object_set_new(doc, "error",
+				    json_pack("{s:i, s:s, s:s}", "step", b->failed_layer, "message",
+					      b->error ? b->error : "", "log_tail", b->log_tail ? b->log_tail : ""));
+	s = json_dumps(doc, JSON_COMPACT);
+	puts(s);
+	free(s);
+	json_decref(doc);
+}
+
+int cmd_build(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "output", required_argument, NULL, 'o' },
+		{ "json", no_argument, NULL, 'j' },
+		{ "force", no_argument, NULL, 'f' },
+		{ "timeout", required_argument, NULL, 't' },
+		{ "cache-dir", required_argument, NULL, 'C' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *output = NULL, *cache_dir = NULL, *spec_path;
+	ib_build_opts opts = { .log_fd = -1 };
+	ib_cache *cache = NULL;
+	ib_spec *spec = NULL;
+	ib_build *b = NULL;
+	char *doc = NULL, *log_path = NULL;
+	size_t len = 0;
+	int json = 0, force = 0, c, err, ret = EXIT_FAIL;
+	uint64_t timeout = 0;
+	struct sigaction sa = { .sa_handler = on_signal };
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'o': output = optarg; break;
+		case 'j': json = 1; break;
+		case 'f': force = 1; break;
+		case 'C': cache_dir = optarg; break;
+		case 't':
+			if (ib_parse_u64(&timeout, optarg, IB_TIMEOUT_MAX) < 0 || timeout == 0) {
+				cli_error("--timeout: %s", timeout == 0 ? "must be a positive number of seconds"
+									: ib_error_last());
+				return EXIT_USAGE;
+			}
+			break;
+		default: return cli_usage(build_usage);
+		}
+	}
+	if (optind != argc - 1)
+		return cli_usage(build_usage);
+	spec_path = argv[optind];
+
+	err = ib_read_file(&doc, &len, spec_path, IB_SPEC_MAX_BYTES);
+	if (err < 0) {
+		cli_error("%s", ib_error_last());
+		return EXIT_USAGE;
+	}
+	if ((err = ib_spec_parse(&spec, doc, len)) < 0) {
+		cli_error("invalid spec '%s': %s", spec_path, ib_error_last());
+		ret = err == IB_EINVALID ? EXIT_USAGE : EXIT_FAIL;
+		goto out;
+	}
+	if ((err = ib_build_plan(&b, spec)) < 0) {
+		cli_error("%s", ib_error_last());
+		ret = err == IB_EINVALID ? EXIT_USAGE : EXIT_FAIL;
+		goto out;
+	}
+	if (cli_open_cache(&cache, cache_dir) < 0)
+		goto out;
+	ib_cache_clean_tmp(cache);
+
+	{
+		char stamp[32];
+		time_t now = time(NULL);
+		struct tm tm;
+		gmtime_r(&now, &tm);
+		strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", &tm);
+		log_path = ib_xasprintf("%s/logs/%s-%.12s-%ld.log", ib_cache_dir(cache), stamp, b->image_id,
+					(long)getpid());
+	}
+	opts.log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	if (opts.log_fd < 0) {
+		cli_error("cannot open log '%s': %s", log_path, strerror(errno));
+		goto out;
+	}
+	opts.force = force;
+	opts.timeout = (double)timeout;
+	opts.output = output;
+	opts.progress = to_stderr;
+	opts.cancel = &cancel_flag;
+	opts.apt_mirror = getenv("IMAGEBUILDER_APT_MIRROR");
+	opts.pip_index_url = getenv("IMAGEBUILDER_PIP_INDEX_URL");
+	if (opts.pip_index_url && !*opts.pip_index_url)
+		opts.pip_index_url = NULL;
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+
+	err = ib_build_run(b, cache, &opts);
+	if (json)
+		print_json(b, err, output, log_path);
+	else if (!err)
+		puts(b->image_id);
+	if (err) {
+		cli_error("build %s: %s", status_of(err), b->error ? b->error : ib_error_last());
+		if (b->log_tail && *b->log_tail && !json) {
+			/* the step's output was streamed already; point at the full log */
+			fprintf(stderr, "imagebuilder: full log: %s\n", log_path);
+		}
+		goto out;
+	}
+	ret = EXIT_OK;
+out:
+	if (opts.log_fd >= 0)
+		close(opts.log_fd);
+	ib_build_free(b);
+	ib_spec_free(spec);
+	ib_cache_close(cache);
+	free(doc);
+	free(log_path);
+	return ret;
+}

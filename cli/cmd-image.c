@@ -1,0 +1,174 @@
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "builder/build.h"
+#include "builder/util.h"
+#include "cli.h"
+
+static const char export_usage[] = "export IMAGE_ID (-o OUT.ext4 | --tar OUT.tar)";
+
+int cmd_export(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "output", required_argument, NULL, 'o' },
+		{ "tar", required_argument, NULL, 'T' },
+		{ "cache-dir", required_argument, NULL, 'C' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *output = NULL, *tar = NULL, *cache_dir = NULL;
+	ib_image_info img = { 0 };
+	ib_cache *cache = NULL;
+	char id[65];
+	int c, err, ret = EXIT_FAIL;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'o': output = optarg; break;
+		case 'T': tar = optarg; break;
+		case 'C': cache_dir = optarg; break;
+		default: return cli_usage(export_usage);
+		}
+	}
+	if (optind != argc - 1 || (!output == !tar))
+		return cli_usage(export_usage);
+	if (cli_open_cache(&cache, cache_dir) < 0)
+		return EXIT_FAIL;
+	if ((err = cli_resolve_image(cache, argv[optind], id)) < 0) {
+		cli_error("%s", ib_error_last());
+		ret = err == IB_EINVALID ? EXIT_USAGE : EXIT_FAIL;
+		goto out;
+	}
+	if (ib_cache_image_get(cache, id, &img) <= 0) {
+		cli_error("image '%s' is not in the cache", id);
+		goto out;
+	}
+	if (output) {
+		/* The exported ext4 is kept in the cache: copy it, holes and all. */
+		char *src = ib_cache_image_path(cache, id);
+		err = ib_copy_sparse(src, output, 0644);
+		free(src);
+	} else {
+		err = ib_build_export(cache, &img, tar, true);
+	}
+	if (err < 0) {
+		cli_error("%s", ib_error_last());
+		goto out;
+	}
+	ib_cache_touch_image(cache, id);
+	ret = EXIT_OK;
+out:
+	ib_image_info_clear(&img);
+	ib_cache_close(cache);
+	return ret;
+}
+
+static json_t *image_doc(const ib_image_info *img)
+{
+	json_t *doc = json_loads(img->meta, 0, NULL);
+	char created[32];
+	time_t t = (time_t)img->created;
+	struct tm tm;
+
+	if (!doc)
+		doc = json_object();
+	gmtime_r(&t, &tm);
+	strftime(created, sizeof(created), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	json_object_set_new(doc, "ext4_sha256", json_string(img->ext4_sha256));
+	json_object_set_new(doc, "ext4_bytes", json_integer((json_int_t)img->ext4_bytes));
+	json_object_set_new(doc, "created", json_string(created));
+	return doc;
+}
+
+int cmd_inspect(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "cache-dir", required_argument, NULL, 'C' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *cache_dir = NULL;
+	ib_image_info img = { 0 };
+	ib_cache *cache = NULL;
+	char id[65], *s;
+	json_t *doc;
+	int c, err, ret = EXIT_FAIL;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		if (c != 'C')
+			return cli_usage("inspect IMAGE_ID");
+		cache_dir = optarg;
+	}
+	if (optind != argc - 1)
+		return cli_usage("inspect IMAGE_ID");
+	if (cli_open_cache(&cache, cache_dir) < 0)
+		return EXIT_FAIL;
+	if ((err = cli_resolve_image(cache, argv[optind], id)) < 0) {
+		cli_error("%s", ib_error_last());
+		ret = err == IB_EINVALID ? EXIT_USAGE : EXIT_FAIL;
+		goto out;
+	}
+	if (ib_cache_image_get(cache, id, &img) <= 0) {
+		cli_error("image '%s' is not in the cache", id);
+		goto out;
+	}
+	doc = image_doc(&img);
+	s = json_dumps(doc, JSON_INDENT(2) | JSON_SORT_KEYS);
+	puts(s);
+	free(s);
+	json_decref(doc);
+	ret = EXIT_OK;
+out:
+	ib_image_info_clear(&img);
+	ib_cache_close(cache);
+	return ret;
+}
+
+static int ls_cb(const ib_image_info *img, void *arg)
+{
+	json_t *doc = json_loads(img->meta, 0, NULL);
+	const char *base = json_string_value(json_object_get(doc, "base"));
+	char created[32];
+	time_t t = (time_t)img->created;
+	struct tm tm;
+
+	(void)arg;
+	gmtime_r(&t, &tm);
+	strftime(created, sizeof(created), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	printf("%s  %-6s  %10llu  %s  %s (%zu layers)\n", img->id, img->arch, (unsigned long long)img->ext4_bytes,
+	       created, base ? base : "?", img->nlayers);
+	json_decref(doc);
+	return 0;
+}
+
+int cmd_ls(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "cache-dir", required_argument, NULL, 'C' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *cache_dir = NULL;
+	ib_cache *cache = NULL;
+	int c, ret = EXIT_OK;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		if (c != 'C')
+			return cli_usage("ls");
+		cache_dir = optarg;
+	}
+	if (optind != argc)
+		return cli_usage("ls");
+	if (cli_open_cache(&cache, cache_dir) < 0)
+		return EXIT_FAIL;
+	if (ib_cache_images_foreach(cache, ls_cb, NULL) < 0) {
+		cli_error("%s", ib_error_last());
+		ret = EXIT_FAIL;
+	}
+	ib_cache_close(cache);
+	return ret;
+}

@@ -1,0 +1,125 @@
+/*
+ * imagebuilder: the command line.  A table of commands, each a function
+ * cmd_<name>(argc, argv) in its own file; this one dispatches and reports.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "builder/util.h"
+#include "cli.h"
+
+#define DEFAULT_CACHE_DIR "/var/lib/imagebuilder"
+
+static const struct cmd {
+	const char *name;
+	int (*fn)(int argc, char **argv);
+	const char *help;
+} commands[] = {
+	{ "build", cmd_build, "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S]" },
+	{ "export", cmd_export, "export IMAGE_ID (-o OUT.ext4 | --tar OUT.tar)" },
+	{ "inspect", cmd_inspect, "inspect IMAGE_ID" },
+	{ "ls", cmd_ls, "ls" },
+	{ "cache", cmd_cache, "cache verify" },
+};
+
+void cli_error(const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("imagebuilder: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+int cli_usage(const char *usage)
+{
+	fprintf(stderr, "usage: imagebuilder %s [--cache-dir DIR]\n", usage);
+	return EXIT_USAGE;
+}
+
+const char *cli_cache_dir(const char *opt)
+{
+	const char *env = getenv("IMAGEBUILDER_CACHE_DIR");
+
+	if (opt && *opt)
+		return opt;
+	if (env && *env)
+		return env;
+	return DEFAULT_CACHE_DIR;
+}
+
+int cli_open_cache(ib_cache **out, const char *opt)
+{
+	if (ib_cache_open(out, cli_cache_dir(opt)) < 0) {
+		cli_error("%s", ib_error_last());
+		return -1;
+	}
+	return 0;
+}
+
+struct resolve {
+	const char *prefix;
+	size_t len;
+	char id[65];
+	int matches;
+};
+
+static int resolve_cb(const ib_image_info *info, void *arg)
+{
+	struct resolve *r = arg;
+
+	if (!strncmp(info->id, r->prefix, r->len)) {
+		snprintf(r->id, sizeof(r->id), "%s", info->id);
+		r->matches++;
+	}
+	return 0;
+}
+
+int cli_resolve_image(ib_cache *cache, const char *arg, char id[65])
+{
+	struct resolve r = { .prefix = arg, .len = strlen(arg) };
+
+	for (size_t i = 0; i < r.len; i++)
+		if (!strchr("0123456789abcdef", arg[i]) || r.len > 64)
+			return ib_error_set("'%s' is not an image id", arg), IB_EINVALID;
+	if (r.len < 8)
+		return ib_error_set("'%s' is not an image id (give at least 8 hex digits)", arg), IB_EINVALID;
+	if (ib_cache_images_foreach(cache, resolve_cb, &r) < 0)
+		return IB_ERROR;
+	if (r.matches == 0)
+		return ib_error_set("no image '%s' in the cache", arg), IB_ENOTFOUND;
+	if (r.matches > 1)
+		return ib_error_set("'%s' names more than one image; give more digits", arg), IB_EINVALID;
+	memcpy(id, r.id, 65);
+	return 0;
+}
+
+static void usage_all(FILE *f)
+{
+	fputs("usage: imagebuilder <command> [options] [--cache-dir DIR]\n\ncommands:\n", f);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		fprintf(f, "  %s\n", commands[i].help);
+	fputs("\nenvironment: IMAGEBUILDER_CACHE_DIR, IMAGEBUILDER_APT_MIRROR, IMAGEBUILDER_PIP_INDEX_URL,\n"
+	      "             SOURCE_DATE_EPOCH (see the README)\n", f);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2) {
+		usage_all(stderr);
+		return EXIT_USAGE;
+	}
+	if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+		usage_all(stdout);
+		return EXIT_OK;
+	}
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (!strcmp(argv[1], commands[i].name))
+			return commands[i].fn(argc - 1, argv + 1);
+	cli_error("'%s' is not a command; see 'imagebuilder --help'", argv[1]);
+	return EXIT_USAGE;
+}

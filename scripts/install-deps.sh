@@ -1,0 +1,26 @@
+#!/bin/sh
+# Install the Debian packages imagebuilder needs to build, run and test.
+# Idempotent: does nothing when everything is there already.
+set -eu
+
+PKGS="gcc make pkg-config libc6-dev
+libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev
+mmdebstrap e2fsprogs python3 ca-certificates"
+
+missing=""
+for p in $PKGS; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+		missing="$missing $p"
+	fi
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" != 0 ]; then
+	echo "install-deps: missing packages:$missing (run as root to install them)" >&2
+	exit 1
+fi
+echo "install-deps: installing$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null

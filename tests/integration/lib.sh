@@ -1,0 +1,63 @@
+# Shared helpers for integration tests (sourced).  Every test:
+#   - builds with $IB against a cache dir; the shared one ($SHARED_CACHE)
+#     keeps the base layer between tests, so only the first test pays for it;
+#   - cleans up what it starts and creates (trap);
+#   - says what it checked, and fails with a message naming the check.
+set -u
+: "${IB:?run through tests/run.sh}"
+: "${IB_TEST_BUILD:?run through tests/run.sh}"
+TOP=$(cd "$(dirname "$IB")/.." && pwd)
+SHARED_CACHE="$IB_TEST_BUILD/test-cache"
+PY=/usr/bin/python3
+T=$(mktemp -d /tmp/ib-test.XXXXXX)
+CLEANUP=""
+
+cleanup() {
+	for pid in $CLEANUP; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+	rm -rf "$T"
+}
+trap cleanup EXIT INT TERM
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+ok() { echo "  ok: $*"; }
+
+# expect_status WANT CMD...: run CMD, fail unless it exits WANT
+expect_status() {
+	want=$1; shift
+	"$@"; got=$?
+	[ "$got" = "$want" ] || fail "'$*' exited $got, expected $want"
+}
+
+# start_pyindex DIR: serve DIR/*.whl on 127.0.0.1; sets PIP_URL
+start_pyindex() {
+	$PY "$TOP/tests/fixtures/pyindex.py" serve "$1" "$T/pyindex.port" 2>"$T/pyindex.log" &
+	CLEANUP="$CLEANUP $!"
+	i=0
+	while [ ! -s "$T/pyindex.port" ]; do
+		i=$((i + 1)); [ $i -gt 100 ] && fail "pyindex did not start: $(cat "$T/pyindex.log")"
+		sleep 0.1
+	done
+	PIP_URL="http://127.0.0.1:$(cat "$T/pyindex.port")/simple/"
+	export IMAGEBUILDER_PIP_INDEX_URL="$PIP_URL"
+}
+
+# json_get FILE EXPR: a value from a JSON document (python expression on d)
+json_get() { $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
+
+# img_cat IMAGE PATH: a file's content from an ext4 image (debugfs)
+img_cat() { debugfs -R "cat $2" "$1" 2>/dev/null; }
+
+# img_exists IMAGE PATH: does PATH exist in the image?
+img_exists() { debugfs -R "stat $2" "$1" 2>&1 | grep -q '^Inode:'; }
+
+# fsck_clean IMAGE: e2fsck -fn finds nothing
+fsck_clean() {
+	e2fsck -fn "$1" >"$T/fsck.log" 2>&1 || fail "e2fsck -fn $1: $(cat "$T/fsck.log")"
+}
+
+# cache_clean DIR: nothing left in tmp/ but our own stale locks, and verify passes
+cache_sound() {
+	"$IB" cache verify --cache-dir "$1" >"$T/verify.log" 2>&1 || fail "cache verify: $(cat "$T/verify.log")"
+	left=$(ls "$1/tmp" | grep -v '\.lock$' || true)
+	[ -z "$left" ] || fail "scratch left in $1/tmp: $left"
+}
