@@ -163,6 +163,8 @@ int ib_base_bootstrap(const ib_base *b, const char *target, const char *mirror, 
 		ib_strv_pushf(&argv, "--components=%s", b->components);
 	if (*b->include)
 		ib_strv_pushf(&argv, "--include=%s", b->include);
+	/* the caller moves the package lists into the shared apt cache */
+	ib_strv_push(&argv, "--skip=cleanup/apt/lists");
 	ib_strv_push(&argv, b->suite);
 	ib_strv_push(&argv, target);
 	if (mirror && *mirror)

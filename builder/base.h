@@ -26,7 +26,10 @@ void ib_base_free(ib_base *base);
 
 /*
  * Bootstrap the base into target (which must not exist) with mmdebstrap,
- * from mirror (NULL: the host's apt sources), clamped to epoch.
+ * from mirror (NULL: the host's apt sources), clamped to epoch.  The package
+ * lists apt downloaded are left in target/var/lib/apt/lists for the caller
+ * to move into the shared apt cache (so the first apt step need not fetch
+ * them again) or delete.
  */
 int ib_base_bootstrap(const ib_base *base, const char *target, const char *mirror, int64_t epoch,
 		      const ib_proc_opts *popts);

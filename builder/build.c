@@ -1,5 +1,6 @@
 #include "build.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -216,6 +217,55 @@ static void remove_junk(const char *upper)
 	}
 }
 
+struct run_ctx {
+	ib_build *b;
+	ib_cache *cache;
+	const ib_build_opts *opts;
+	struct progress *prog;
+	double deadline;
+	char *resolv;      /* private copy of the host's resolver config */
+	char *apt_lists;
+	char *apt_archives;
+	char *apt_lock;
+};
+
+/*
+ * Move the package lists mmdebstrap downloaded into the shared apt cache,
+ * where apt steps find them current; the base keeps an empty lists dir, as
+ * mmdebstrap's own cleanup would leave it.
+ */
+static int harvest_apt_lists(struct run_ctx *rc, const char *upper)
+{
+	char *lists = ib_xasprintf("%s/var/lib/apt/lists", upper);
+	DIR *d = opendir(lists);
+	struct dirent *de;
+	int err = 0, lockfd;
+
+	if (!d) {
+		free(lists);
+		return 0;
+	}
+	lockfd = open(rc->apt_lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	if (lockfd >= 0)
+		while (flock(lockfd, LOCK_EX) < 0 && errno == EINTR)
+			;
+	while ((de = readdir(d))) {
+		if (de->d_name[0] == '.' || !strcmp(de->d_name, "lock") || !strcmp(de->d_name, "partial"))
+			continue;
+		char *src = ib_xasprintf("%s/%s", lists, de->d_name);
+		char *dst = ib_xasprintf("%s/%s", rc->apt_lists, de->d_name);
+		if (rename(src, dst) < 0 && unlink(src) < 0 && !err)
+			err = ib_error_set_errno(errno, "cannot move '%s'", src);
+		free(src);
+		free(dst);
+	}
+	closedir(d);
+	if (lockfd >= 0)
+		close(lockfd);
+	free(lists);
+	return err;
+}
+
 /* What a fresh base keeps from the machine that bootstrapped it, made neutral. */
 static int neutralise_base(const char *upper)
 {
@@ -234,41 +284,45 @@ out:
 	return err;
 }
 
-/* env for the step at index: the fixed sandbox env, then every earlier env step. */
-static void step_env(ib_strv *env, const ib_build *b, size_t index)
+/*
+ * env for the step at index: the fixed sandbox env, then every earlier env
+ * step, then what the step kind itself needs (plan_env, KEY=VALUE).
+ */
+static void step_env(ib_strv *env, const ib_build *b, size_t index, const ib_strv *plan_env)
 {
 	json_t *merged = json_object(), *v;
 	const char *k;
+	char epoch_str[32];
 
+	snprintf(epoch_str, sizeof(epoch_str), "%lld", (long long)b->epoch);
 	json_object_set_new(merged, "PATH", json_string(STEP_PATH));
 	json_object_set_new(merged, "HOME", json_string("/root"));
 	json_object_set_new(merged, "LANG", json_string("C.UTF-8"));
 	json_object_set_new(merged, "DEBIAN_FRONTEND", json_string("noninteractive"));
+	/* reproducible byte-code: python writes hash-based .pyc files */
+	json_object_set_new(merged, "SOURCE_DATE_EPOCH", json_string(epoch_str));
 	for (size_t i = 0; i + 1 < index && i < b->spec->nsteps; i++)
 		if (b->spec->steps[i].ops == &ib_step_env)
 			json_object_update(merged, b->spec->steps[i].arg);
+	for (size_t i = 0; i < plan_env->n; i++) {
+		const char *eq = strchr(plan_env->v[i], '=');
+		if (!eq)
+			continue;
+		char *name = ib_xstrndup(plan_env->v[i], (size_t)(eq - plan_env->v[i]));
+		json_object_set_new(merged, name, json_string(eq + 1));
+		free(name);
+	}
 	json_object_foreach(merged, k, v)
 		ib_strv_pushf(env, "%s=%s", k, json_string_value(v));
 	json_decref(merged);
 }
 
-struct run_ctx {
-	ib_build *b;
-	ib_cache *cache;
-	const ib_build_opts *opts;
-	struct progress *prog;
-	double deadline;
-	char *resolv;      /* private copy of the host's resolver config */
-	char *apt_lists;
-	char *apt_archives;
-	char *apt_lock;
-};
 
 static int run_step(struct run_ctx *rc, size_t index, const char *upper, const char *scratch)
 {
 	ib_build *b = rc->b;
 	const ib_step *step = &b->spec->steps[index - 1];
-	ib_step_plan plan = { 0 };
+	ib_step_plan plan = IB_STEP_PLAN_INIT;
 	ib_step_ctx sctx = { .arch = b->arch, .pip_index_url = rc->opts->pip_index_url, .python = "python3" };
 	ib_strv env = IB_STRV_INIT;
 	const char **lowers = NULL;
@@ -285,7 +339,7 @@ static int run_step(struct run_ctx *rc, size_t index, const char *upper, const c
 		paths[i] = ib_cache_layer_path(rc->cache, b->layers[i].key);
 		lowers[i] = paths[i];
 	}
-	step_env(&env, b, index);
+	step_env(&env, b, index, &plan.env);
 	if (plan.flags & IB_PLAN_APT_CACHE) {
 		/* One apt at a time per architecture on the shared lists. */
 		lockfd = open(rc->apt_lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -372,6 +426,8 @@ static int build_layer(struct run_ctx *rc, size_t index)
 		if ((err = ib_base_load(&base, b->spec->base)) == 0)
 			err = ib_base_bootstrap(base, upper, rc->opts->apt_mirror, b->epoch, &po);
 		ib_base_free(base);
+		if (!err)
+			err = harvest_apt_lists(rc, upper);
 		if (!err)
 			err = neutralise_base(upper);
 	} else {

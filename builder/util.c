@@ -110,10 +110,11 @@ void ib_buf_puts(ib_buf *b, const char *s)
 void ib_buf_printf(ib_buf *b, const char *fmt, ...)
 {
 	va_list ap;
+	char probe[1];
 	int n;
 
 	va_start(ap, fmt);
-	n = vsnprintf(NULL, 0, fmt, ap);
+	n = vsnprintf(probe, sizeof(probe), fmt, ap);
 	va_end(ap);
 	if (n < 0)
 		return;

@@ -9,13 +9,14 @@
 #include "builder/util.h"
 #include "cli.h"
 
-static const char export_usage[] = "export IMAGE_ID (-o OUT.ext4 | --tar OUT.tar)";
+static const char export_usage[] = "export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar)";
 
 int cmd_export(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{ "output", required_argument, NULL, 'o' },
 		{ "tar", required_argument, NULL, 'T' },
+		{ "from-layers", no_argument, NULL, 'L' },
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -23,13 +24,14 @@ int cmd_export(int argc, char **argv)
 	ib_image_info img = { 0 };
 	ib_cache *cache = NULL;
 	char id[65];
-	int c, err, ret = EXIT_FAIL;
+	int c, err, ret = EXIT_FAIL, from_layers = 0;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'o': output = optarg; break;
 		case 'T': tar = optarg; break;
+		case 'L': from_layers = 1; break;
 		case 'C': cache_dir = optarg; break;
 		default: return cli_usage(export_usage);
 		}
@@ -47,7 +49,9 @@ int cmd_export(int argc, char **argv)
 		cli_error("image '%s' is not in the cache", id);
 		goto out;
 	}
-	if (output) {
+	if (output && from_layers) {
+		err = ib_build_export(cache, &img, output, false);
+	} else if (output) {
 		/* The exported ext4 is kept in the cache: copy it, holes and all. */
 		char *src = ib_cache_image_path(cache, id);
 		err = ib_copy_sparse(src, output, 0644);

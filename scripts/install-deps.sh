@@ -5,7 +5,7 @@ set -eu
 
 PKGS="gcc make pkg-config libc6-dev
 libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev
-mmdebstrap e2fsprogs python3 ca-certificates"
+mmdebstrap e2fsprogs python3 ca-certificates bc"
 
 missing=""
 for p in $PKGS; do

@@ -87,7 +87,9 @@ static int apt_validate(const json_t *arg, const char *field)
  * apt-get update, then one apt-get install.  Packages follow "--" (apt-get
  * ends option parsing there), though validation already keeps a leading
  * '-' out.  The dpkg options keep the image's own configuration files and
- * never ask.
+ * never ask; unsafe-io skips dpkg's per-file fsync (the layer is synced as a
+ * whole when committed, and a step that dies leaves no layer anyway).  No
+ * translations: nobody reads package descriptions in a build.
  */
 static int apt_plan(ib_step_plan *out, const json_t *arg, const ib_step_ctx *ctx)
 {
@@ -96,6 +98,8 @@ static int apt_plan(ib_step_plan *out, const json_t *arg, const ib_step_ctx *ctx
 	(void)ctx;
 	ib_strv_push(&argv, "apt-get");
 	ib_strv_push(&argv, "update");
+	ib_strv_push(&argv, "-o");
+	ib_strv_push(&argv, "Acquire::Languages=none");
 	ib_step_plan_add(out, &argv);
 	ib_strv_free(&argv);
 
@@ -107,6 +111,8 @@ static int apt_plan(ib_step_plan *out, const json_t *arg, const ib_step_ctx *ctx
 	ib_strv_push(&argv, "Dpkg::Options::=--force-confdef");
 	ib_strv_push(&argv, "-o");
 	ib_strv_push(&argv, "Dpkg::Options::=--force-confold");
+	ib_strv_push(&argv, "-o");
+	ib_strv_push(&argv, "Dpkg::Options::=--force-unsafe-io");
 	ib_strv_push(&argv, "--");
 	for (size_t i = 0; i < json_array_size(arg); i++)
 		ib_strv_push(&argv, json_string_value(json_array_get(arg, i)));

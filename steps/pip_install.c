@@ -267,8 +267,8 @@ static int pip_plan(ib_step_plan *out, const json_t *arg, const ib_step_ctx *ctx
 {
 	ib_step_plan plan = IB_STEP_PLAN_INIT;
 	ib_strv argv = IB_STRV_INIT;
-	const char *py = ctx->python ? ctx->python : "python3";
-	const char *url = ctx->pip_index_url;
+	const char *py = ctx && ctx->python ? ctx->python : "python3";
+	const char *url = ctx ? ctx->pip_index_url : NULL;
 	char *trusted = NULL;
 	char q[IB_SPEC_QUOTE_MAX];
 	int r;
@@ -287,8 +287,9 @@ static int pip_plan(ib_step_plan *out, const json_t *arg, const ib_step_ctx *ctx
 	ib_strv_push(&argv, "-c");
 	ib_strv_pushf(&argv,
 		      "%s -m pip --version >/dev/null 2>&1 || "
-		      "{ apt-get update && apt-get install -y --no-install-recommends "
+		      "{ apt-get update -o Acquire::Languages=none && apt-get install -y --no-install-recommends "
 		      "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+		      "-o Dpkg::Options::=--force-unsafe-io "
 		      "python3-pip; }",
 		      py);
 	ib_step_plan_add(&plan, &argv);

@@ -850,11 +850,11 @@ TEST(apt_plan)
 	ASSERT_INT_EQ(plan_of(&plan, SPEC1("{\"apt_install\":[\"git\",\"curl=7.88.1-10+deb12u5\",\"libc6:arm64\"]}"),
 			      &ctx_default), 0);
 	ASSERT_INT_EQ(plan.ncmds, 2);
-	ASSERT_ARGV(&plan.cmds[0], "[apt-get] [update]");
+	ASSERT_ARGV(&plan.cmds[0], "[apt-get] [update] [-o] [Acquire::Languages=none]");
 	ASSERT_ARGV(&plan.cmds[1],
 		    "[apt-get] [install] [-y] [--no-install-recommends] "
 		    "[-o] [Dpkg::Options::=--force-confdef] [-o] [Dpkg::Options::=--force-confold] "
-		    "[--] [git] [curl=7.88.1-10+deb12u5] [libc6:arm64]");
+		    "[-o] [Dpkg::Options::=--force-unsafe-io] [--] [git] [curl=7.88.1-10+deb12u5] [libc6:arm64]");
 	ASSERT_TRUE(plan.cmds[1].v[plan.cmds[1].n] == NULL);
 	ASSERT_TRUE(plan.flags & IB_PLAN_APT_CACHE);
 	ASSERT_ARGV(&plan.env, "[DEBIAN_FRONTEND=noninteractive]");
@@ -874,8 +874,9 @@ TEST(pip_plan)
 	ASSERT_INT_EQ(plan.ncmds, 2);
 	ASSERT_ARGV(&plan.cmds[0],
 		    "[/bin/sh] [-c] [python3 -m pip --version >/dev/null 2>&1 || "
-		    "{ apt-get update && apt-get install -y --no-install-recommends "
-		    "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold python3-pip; }]");
+		    "{ apt-get update -o Acquire::Languages=none && apt-get install -y --no-install-recommends "
+		    "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+		    "-o Dpkg::Options::=--force-unsafe-io python3-pip; }]");
 	ASSERT_ARGV(&plan.cmds[1],
 		    "[python3] [-m] [pip] [install] [--no-cache-dir] [--disable-pip-version-check] "
 		    "[--no-input] [--index-url] [http://127.0.0.1:8080/simple/] "
