@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,12 +12,16 @@
 #include <unistd.h>
 
 #include "base.h"
+#include "binfmt.h"
+#include "python.h"
 #include "export.h"
 #include "limits.h"
 #include "steps/step.h"
 #include "util.h"
 
 #define STEP_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+/* Installed with a pinned python: decorated functions run through it. */
+#define PYTHON_RUNTIME_PACKAGE "cloudpickle"
 
 /*
  * Files that only record when or how a step ran.  Removed from every new
@@ -70,6 +75,32 @@ const char *ib_layer_state_name(ib_layer_state s)
 	return "unknown";
 }
 
+void ib_build_lock(ib_build *b)
+{
+	pthread_mutex_lock(&b->mu);
+}
+
+void ib_build_unlock(ib_build *b)
+{
+	pthread_mutex_unlock(&b->mu);
+}
+
+/* State changes go through here: a server thread may be reading them. */
+static void set_layer(ib_build *b, size_t index, ib_layer_state state, double seconds)
+{
+	ib_build_layer *l = &b->layers[index];
+
+	pthread_mutex_lock(&b->mu);
+	l->state = state;
+	if (state == IB_LAYER_CACHED)
+		l->cached = true;
+	if (seconds >= 0)
+		l->seconds = seconds;
+	if (state == IB_LAYER_FAILED)
+		b->failed_layer = (int)index;
+	pthread_mutex_unlock(&b->mu);
+}
+
 int ib_build_plan(ib_build **out, const ib_spec *spec)
 {
 	ib_build *b = NULL;
@@ -77,31 +108,48 @@ int ib_build_plan(ib_build **out, const ib_spec *spec)
 	int err;
 
 	b = ib_xcalloc(1, sizeof(*b));
+	pthread_mutex_init(&b->mu, NULL);
 	b->spec = spec;
 	b->failed_layer = -1;
 	b->env = json_object();
 	if ((err = ib_build_epoch(&b->epoch)) < 0)
 		goto out;
-	if (spec->python_version) {
-		err = ib_error_set("python_version: pinning a python version is not supported by this "
-				   "imagebuilder yet (see issue 4); leave it out to use the base's python3");
-		goto out;
-	}
 	if ((err = ib_base_load(&base, spec->base)) < 0)
 		goto out;
 	b->arch = ib_xstrdup(base->arch);
-	b->nlayers = spec->nsteps + 1;
+	b->machine = ib_xstrdup(base->machine);
+	if (spec->python_version) {
+		b->python = ib_xcalloc(1, sizeof(*b->python));
+		if ((err = ib_python_resolve(b->python, spec->python_version, base->machine)) < 0)
+			goto out;
+	}
+	b->nlayers = 1 + (b->python ? 1 : 0) + spec->nsteps;
 	b->layers = ib_xcalloc(b->nlayers, sizeof(*b->layers));
 
-	b->layers[0].kind = "base";
-	b->layers[0].canonical = ib_xasprintf("%s\nsource_date_epoch=%lld", base->canonical, (long long)b->epoch);
-	ib_key_base(b->layers[0].key, b->layers[0].canonical);
-	for (size_t i = 0; i < spec->nsteps; i++) {
-		ib_build_layer *l = &b->layers[i + 1];
-		l->index = (int)i + 1;
+	size_t n = 0;
+	b->layers[n].kind = "base";
+	b->layers[n].canonical = ib_xasprintf("%s\nsource_date_epoch=%lld", base->canonical, (long long)b->epoch);
+	ib_key_base(b->layers[n].key, b->layers[n].canonical);
+	n++;
+	if (b->python) {
+		/* keyed by base, version and archive digest: every spec pinning it shares it */
+		json_t *py = json_pack("{s:{s:s, s:s, s:s, s:[s]}}", "python", "version", b->python->version,
+				       "release", b->python->release, "sha256", b->python->sha256, "packages",
+				       PYTHON_RUNTIME_PACKAGE);
+		b->layers[n].index = (int)n;
+		b->layers[n].kind = "python";
+		b->layers[n].canonical = json_dumps(py, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII);
+		json_decref(py);
+		ib_key_step(b->layers[n].key, b->layers[n - 1].key, b->layers[n].canonical);
+		n++;
+	}
+	for (size_t i = 0; i < spec->nsteps; i++, n++) {
+		ib_build_layer *l = &b->layers[n];
+		l->index = (int)n;
 		l->kind = spec->steps[i].ops->name;
+		l->step = &spec->steps[i];
 		l->canonical = ib_step_canonical(&spec->steps[i]);
-		ib_key_step(l->key, b->layers[i].key, l->canonical);
+		ib_key_step(l->key, b->layers[n - 1].key, l->canonical);
 		if (spec->steps[i].ops == &ib_step_env)
 			json_object_update(b->env, spec->steps[i].arg);
 	}
@@ -124,9 +172,13 @@ void ib_build_free(ib_build *b)
 		free(b->layers[i].canonical);
 	free(b->layers);
 	free(b->arch);
+	free(b->machine);
+	ib_python_pin_clear(b->python);
+	free(b->python);
 	json_decref(b->env);
 	free(b->error);
 	free(b->log_tail);
+	pthread_mutex_destroy(&b->mu);
 	free(b);
 }
 
@@ -145,6 +197,10 @@ char *ib_build_image_json(const ib_build *b)
 	json_object_set_new(doc, "arch", json_string(b->arch));
 	json_object_set_new(doc, "python_version",
 			    b->spec->python_version ? json_string(b->spec->python_version) : json_null());
+	if (b->python)
+		json_object_set_new(doc, "python", json_pack("{s:s, s:s, s:s, s:s}", "version", b->python->version,
+							      "release", b->python->release, "machine",
+							      b->python->machine, "sha256", b->python->sha256));
 	json_object_set(doc, "env", b->env);
 	json_object_set_new(doc, "layers", layers);
 	json_object_set_new(doc, "spec", spec ? spec : json_null());
@@ -301,9 +357,9 @@ static void step_env(ib_strv *env, const ib_build *b, size_t index, const ib_str
 	json_object_set_new(merged, "DEBIAN_FRONTEND", json_string("noninteractive"));
 	/* reproducible byte-code: python writes hash-based .pyc files */
 	json_object_set_new(merged, "SOURCE_DATE_EPOCH", json_string(epoch_str));
-	for (size_t i = 0; i + 1 < index && i < b->spec->nsteps; i++)
-		if (b->spec->steps[i].ops == &ib_step_env)
-			json_object_update(merged, b->spec->steps[i].arg);
+	for (size_t i = 0; i < index; i++)
+		if (b->layers[i].step && b->layers[i].step->ops == &ib_step_env)
+			json_object_update(merged, b->layers[i].step->arg);
 	for (size_t i = 0; i < plan_env->n; i++) {
 		const char *eq = strchr(plan_env->v[i], '=');
 		if (!eq)
@@ -318,18 +374,22 @@ static void step_env(ib_strv *env, const ib_build *b, size_t index, const ib_str
 }
 
 
-static int run_step(struct run_ctx *rc, size_t index, const char *upper, const char *scratch)
+static int run_step(struct run_ctx *rc, size_t index, const char *upper, const char *scratch,
+		    const ib_step_ops *ops, const json_t *arg)
 {
 	ib_build *b = rc->b;
-	const ib_step *step = &b->spec->steps[index - 1];
 	ib_step_plan plan = IB_STEP_PLAN_INIT;
-	ib_step_ctx sctx = { .arch = b->arch, .pip_index_url = rc->opts->pip_index_url, .python = "python3" };
+	ib_step_ctx sctx = {
+		.arch = b->arch,
+		.pip_index_url = rc->opts->pip_index_url,
+		.python = b->python ? "/usr/local/bin/python3" : "python3",
+	};
 	ib_strv env = IB_STRV_INIT;
 	const char **lowers = NULL;
 	char **paths = NULL;
 	int err, lockfd = -1;
 
-	if ((err = step->ops->plan(&plan, step->arg, &sctx)) < 0)
+	if ((err = ops->plan(&plan, arg, &sctx)) < 0)
 		goto out;
 	if (!plan.ncmds)
 		goto out;
@@ -379,6 +439,36 @@ out:
 	return err;
 }
 
+/*
+ * The pinned python's layer: the python-build-standalone archive unpacked
+ * into /usr/local (python3 and pip3 on PATH are it), then cloudpickle
+ * installed with it from the configured index.
+ */
+static int build_python(struct run_ctx *rc, size_t index, const char *upper, const char *scratch)
+{
+	ib_build *b = rc->b;
+	ib_fetch_opts fo = { .deadline = rc->deadline, .cancel = rc->opts->cancel };
+	json_t *pkgs = json_pack("[s]", PYTHON_RUNTIME_PACKAGE);
+	char *archive = NULL;
+	int err;
+
+	emit(rc->prog, "python %s (%s, release %s): %s\n", b->python->version, b->python->machine,
+	     b->python->release, b->python->url);
+	if (mkdir(upper, 0755) < 0) {
+		err = ib_error_set_errno(errno, "cannot create '%s'", upper);
+		goto out;
+	}
+	if ((err = ib_python_fetch(&archive, rc->cache, b->python, &fo)) < 0)
+		goto out;
+	if ((err = ib_python_unpack(archive, upper)) < 0)
+		goto out;
+	err = run_step(rc, index, upper, scratch, &ib_step_pip_install, pkgs);
+out:
+	json_decref(pkgs);
+	free(archive);
+	return err;
+}
+
 static int build_layer(struct run_ctx *rc, size_t index)
 {
 	ib_build *b = rc->b;
@@ -390,28 +480,32 @@ static int build_layer(struct run_ctx *rc, size_t index)
 	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
 		if (r < 0)
 			return r;
-		l->state = IB_LAYER_CACHED;
-		l->cached = true;
+		set_layer(b, index, IB_LAYER_CACHED, -1);
 		emit(rc->prog, "[%zu/%zu] %s: cached (%.12s)\n", index + 1, b->nlayers, l->kind, l->key);
 		return 0;
 	}
 	/* Single flight per layer: whoever holds the lock builds it. */
-	if ((err = ib_cache_lock_layer(rc->cache, l->key, &lockfd)) < 0)
+	bool waited = false;
+	if ((err = ib_cache_lock_layer(rc->cache, l->key, rc->opts->cancel, rc->deadline, &lockfd, &waited)) < 0) {
+		set_layer(b, index, IB_LAYER_FAILED, -1);
 		return err;
+	}
 	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
 		ib_cache_unlock(lockfd);
 		if (r < 0)
 			return r;
-		l->state = IB_LAYER_CACHED;
-		l->cached = true;
+		set_layer(b, index, IB_LAYER_CACHED, -1);
 		emit(rc->prog, "[%zu/%zu] %s: cached, built meanwhile (%.12s)\n", index + 1, b->nlayers, l->kind,
 		     l->key);
 		return 0;
 	}
 
-	l->state = IB_LAYER_RUNNING;
+	if (waited)
+		emit(rc->prog, "[%zu/%zu] %s: waited for another build of this layer\n", index + 1, b->nlayers,
+		     l->kind);
+	set_layer(b, index, IB_LAYER_RUNNING, -1);
 	emit(rc->prog, "[%zu/%zu] %s %.200s\n", index + 1, b->nlayers, l->kind,
-	     index ? l->canonical : b->spec->base);
+	     l->step ? l->canonical : l->kind[0] == 'b' ? b->spec->base : b->spec->python_version);
 	ib_buf_reset(&rc->prog->tail);
 	t0 = ib_now();
 	if ((err = ib_cache_mktemp(rc->cache, &scratch, &tmplock)) < 0)
@@ -430,29 +524,31 @@ static int build_layer(struct run_ctx *rc, size_t index)
 			err = harvest_apt_lists(rc, upper);
 		if (!err)
 			err = neutralise_base(upper);
+	} else if (!l->step) {
+		err = build_python(rc, index, upper, scratch);
 	} else {
 		if (mkdir(upper, 0755) < 0)
 			err = ib_error_set_errno(errno, "cannot create '%s'", upper);
 		else
-			err = run_step(rc, index, upper, scratch);
+			err = run_step(rc, index, upper, scratch, l->step->ops, l->step->arg);
 	}
 	if (err)
 		goto out;
 	remove_junk(upper);
 	if ((err = ib_tree_normalise(upper, b->epoch)) < 0)
 		goto out;
-	l->seconds = ib_now() - t0;
 	err = ib_cache_layer_commit(rc->cache, l->key, index ? b->layers[index - 1].key : NULL, l->kind,
-				    l->canonical, upper, l->seconds, NULL);
+				    l->canonical, upper, ib_now() - t0, NULL);
 out:
 	if (err) {
-		l->state = IB_LAYER_FAILED;
-		l->seconds = ib_now() - t0;
-		b->failed_layer = (int)index;
+		char *tail = tail_of(&rc->prog->tail);
+		set_layer(b, index, IB_LAYER_FAILED, ib_now() - t0);
+		ib_build_lock(b);
 		free(b->log_tail);
-		b->log_tail = tail_of(&rc->prog->tail);
+		b->log_tail = tail;
+		ib_build_unlock(b);
 	} else {
-		l->state = IB_LAYER_DONE;
+		set_layer(b, index, IB_LAYER_DONE, ib_now() - t0);
 		emit(rc->prog, "[%zu/%zu] %s: done in %.1fs (%.12s)\n", index + 1, b->nlayers, l->kind, l->seconds,
 		     l->key);
 	}
@@ -618,8 +714,10 @@ static int export_image(struct run_ctx *rc)
 	img.ext4_bytes = (uint64_t)st.st_size;
 	if ((err = ib_cache_image_commit(rc->cache, &img, ext4)) < 0)
 		goto out;
+	ib_build_lock(b);
 	snprintf(b->ext4_sha256, sizeof(b->ext4_sha256), "%s", img.ext4_sha256);
 	b->ext4_bytes = img.ext4_bytes;
+	ib_build_unlock(b);
 	emit(rc->prog, "[export] done in %.1fs: %llu bytes, sha256 %s\n", ib_now() - t0,
 	     (unsigned long long)img.ext4_bytes, img.ext4_sha256);
 out:
@@ -670,36 +768,41 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	rc.deadline = ib_now() + timeout;
 	if (!opts->force && (r = ib_cache_image_get(cache, b->image_id, NULL)) != 0) {
 		ib_image_info img = { 0 };
-		if (r < 0 || (err = ib_cache_image_get(cache, b->image_id, &img)) < 0) {
-			err = r < 0 ? r : err;
+		if (r < 0 || (r = ib_cache_image_get(cache, b->image_id, &img)) <= 0) {
+			err = r < 0 ? r : ib_error_set("image '%s' vanished from the cache", b->image_id);
 			goto out;
 		}
+		ib_build_lock(b);
 		b->cached = true;
-		for (size_t i = 0; i < b->nlayers; i++) {
-			b->layers[i].state = IB_LAYER_CACHED;
-			b->layers[i].cached = true;
-		}
+		ib_build_unlock(b);
+		for (size_t i = 0; i < b->nlayers; i++)
+			set_layer(b, i, IB_LAYER_CACHED, -1);
+		ib_build_lock(b);
 		snprintf(b->ext4_sha256, sizeof(b->ext4_sha256), "%s", img.ext4_sha256);
 		b->ext4_bytes = img.ext4_bytes;
+		ib_build_unlock(b);
 		ib_image_info_clear(&img);
 		ib_cache_touch_image(cache, b->image_id);
 		emit(&prog, "image %s is cached\n", b->image_id);
 		goto output;
 	}
 
+	/* Foreign architectures: check emulation before doing any work. */
+	if ((err = ib_binfmt_ensure(b->machine)) < 0)
+		goto out;
 	if ((err = prepare(&rc, &scratch, &tmplock)) < 0)
 		goto out;
 	for (size_t i = 0; i < b->nlayers; i++) {
 		if (opts->cancel && *opts->cancel) {
 			err = IB_ECANCELED;
 			ib_error_set("build cancelled");
-			b->failed_layer = (int)i;
+			set_layer(b, i, IB_LAYER_FAILED, -1);
 			goto out;
 		}
 		if (ib_now() >= rc.deadline) {
 			err = IB_ETIMEOUT;
 			ib_error_set("build timed out after %.0fs", timeout);
-			b->failed_layer = (int)i;
+			set_layer(b, i, IB_LAYER_FAILED, -1);
 			goto out;
 		}
 		if ((err = build_layer(&rc, i)) < 0) {
@@ -719,8 +822,11 @@ output:
 	}
 out:
 	if (err) {
+		char *msg = ib_xstrdup(ib_error_last());
+		ib_build_lock(b);
 		free(b->error);
-		b->error = ib_xstrdup(ib_error_last());
+		b->error = msg;
+		ib_build_unlock(b);
 	}
 	ib_cache_rmtemp(scratch, tmplock);
 	free(scratch);

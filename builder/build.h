@@ -1,6 +1,7 @@
 #ifndef IB_BUILD_H
 #define IB_BUILD_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -26,7 +27,8 @@ const char *ib_layer_state_name(ib_layer_state s);
 
 typedef struct ib_build_layer {
 	int index;
-	const char *kind;  /* "base", "apt_install", ... (static) */
+	const char *kind;  /* "base", "python", "apt_install", ... (static) */
+	const ib_step *step; /* the spec's step; NULL for the base and python layers */
 	char key[IB_SHA256_HEX];
 	char *canonical;   /* canonical step (for a base: its definition) */
 	ib_layer_state state;
@@ -39,8 +41,16 @@ typedef struct ib_build_layer {
  * each.  Made by ib_build_plan(), filled by ib_build_run().
  */
 typedef struct ib_build {
+	/*
+	 * Guards the results below (layer states and seconds, cached,
+	 * ext4_*, failed_layer, error, log_tail) for readers on other
+	 * threads; the plan (keys, kinds) never changes after ib_build_plan.
+	 */
+	pthread_mutex_t mu;
 	const ib_spec *spec; /* borrowed */
 	char *arch;          /* Debian architecture of the base */
+	char *machine;       /* its uname -m: "x86_64", "aarch64" */
+	struct ib_python_pin *python; /* the pinned python, or NULL */
 	int64_t epoch;
 	char image_id[IB_SHA256_HEX];
 	size_t nlayers;
@@ -54,6 +64,10 @@ typedef struct ib_build {
 	char *error;         /* message when the build failed */
 	char *log_tail;      /* the end of the failing step's output */
 } ib_build;
+
+/* Hold mu to read a running build's results from another thread. */
+void ib_build_lock(ib_build *b);
+void ib_build_unlock(ib_build *b);
 
 /* Compute keys and the image id for spec (nothing runs). */
 int ib_build_plan(ib_build **out, const ib_spec *spec);

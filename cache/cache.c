@@ -275,11 +275,31 @@ int ib_cache_clean_tmp(ib_cache *c)
 	return err;
 }
 
-int ib_cache_lock_layer(ib_cache *c, const char *key, int *out_fd)
+int ib_cache_lock_layer(ib_cache *c, const char *key, volatile int *cancel, double deadline, int *out_fd,
+			bool *out_waited)
 {
 	char *path = ib_xasprintf("%s/locks/%s.lock", c->dir, key);
-	int err = lock_file(path, LOCK_EX, out_fd);
+	struct timespec pause = { 0, 50 * 1000 * 1000 };
+	int err;
 
+	if (out_waited)
+		*out_waited = false;
+	/* flock cannot be interrupted by a flag: poll it. */
+	while ((err = lock_file(path, LOCK_EX | LOCK_NB, out_fd)) == IB_EEXISTS) {
+		if (out_waited)
+			*out_waited = true;
+		if (cancel && *cancel) {
+			err = IB_ECANCELED;
+			ib_error_set("cancelled while waiting for layer '%.12s'", key);
+			break;
+		}
+		if (deadline > 0 && ib_now() >= deadline) {
+			err = IB_ETIMEOUT;
+			ib_error_set("timed out waiting for layer '%.12s'", key);
+			break;
+		}
+		nanosleep(&pause, NULL);
+	}
 	free(path);
 	return err;
 }

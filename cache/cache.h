@@ -73,8 +73,15 @@ int ib_cache_layer_commit(ib_cache *cache, const char *key, const char *parent,
 /* Remove a layer's row, then its directory. */
 int ib_cache_layer_remove(ib_cache *cache, const char *key);
 
-/* Take the per-layer lock (blocking); returns an fd to pass to unlock. */
-int ib_cache_lock_layer(ib_cache *cache, const char *key, int *out_fd);
+/*
+ * Take the per-layer lock, waiting while another build (in this process or
+ * another one on the same cache dir) holds it; returns an fd to pass to
+ * unlock.  The wait ends with IB_ECANCELED when *cancel becomes non-zero
+ * and IB_ETIMEOUT at deadline (an ib_now() value; 0: none); cancel may be
+ * NULL.  *out_waited (may be NULL) says whether it had to wait.
+ */
+int ib_cache_lock_layer(ib_cache *cache, const char *key, volatile int *cancel, double deadline,
+			int *out_fd, bool *out_waited);
 void ib_cache_unlock(int fd);
 
 /* An image's row. */

@@ -4,7 +4,8 @@
 set -eu
 
 PKGS="gcc make pkg-config libc6-dev
-libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev
+libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev
+qemu-user-static patchelf
 mmdebstrap e2fsprogs python3 ca-certificates bc"
 
 missing=""

@@ -41,6 +41,18 @@ start_pyindex() {
 	export IMAGEBUILDER_PIP_INDEX_URL="$PIP_URL"
 }
 
+# start_static DIR: serve DIR's files on 127.0.0.1; prints the base URL
+start_static() {
+	$PY "$TOP/tests/fixtures/pyindex.py" static "$1" "$T/static.port" 2>"$T/static.log" &
+	CLEANUP="$CLEANUP $!"
+	i=0
+	while [ ! -s "$T/static.port" ]; do
+		i=$((i + 1)); [ $i -gt 100 ] && fail "static server did not start: $(cat "$T/static.log")"
+		sleep 0.1
+	done
+	STATIC_URL="http://127.0.0.1:$(cat "$T/static.port")"
+}
+
 # json_get FILE EXPR: a value from a JSON document (python expression on d)
 json_get() { $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
 

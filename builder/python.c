@@ -1,0 +1,266 @@
+#include "python.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <errno.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "base.h"
+#include "util.h"
+
+static char *table_path(void)
+{
+	const char *env = getenv("IMAGEBUILDER_PYTHON_VERSIONS");
+
+	if (env && *env)
+		return ib_xstrdup(env);
+	return ib_xasprintf("%s/python-versions.json", ib_base_dir());
+}
+
+static bool hex64(const char *s)
+{
+	return s && strlen(s) == 64 && ib_is_hex64(s);
+}
+
+int ib_python_resolve(ib_python_pin *out, const char *version, const char *machine)
+{
+	char *path = table_path();
+	json_t *doc = NULL, *ent, *sha;
+	json_error_t jerr;
+	const char *release, *digest, *mirror = getenv("IMAGEBUILDER_PYTHON_MIRROR");
+	ib_python_pin pin = { 0 };
+	int err = 0;
+
+	doc = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+	if (!json_is_object(doc)) {
+		err = ib_error_set("cannot load the python version table '%s': %s", path,
+				   doc ? "not an object" : jerr.text);
+		goto out;
+	}
+	ent = json_object_get(doc, version);
+	if (!ent) {
+		ib_buf known = IB_BUF_INIT;
+		const char *k;
+		json_t *v;
+		json_object_foreach(doc, k, v) {
+			(void)v;
+			ib_buf_printf(&known, "%s%s", known.len ? ", " : "", k);
+		}
+		ib_error_set("python_version: '%s' is not in the python version table '%s'; known: %s", version,
+			     path, known.len ? known.ptr : "none");
+		ib_buf_free(&known);
+		err = IB_EINVALID;
+		goto out;
+	}
+	release = json_string_value(json_object_get(ent, "release"));
+	sha = json_object_get(ent, "sha256");
+	digest = json_string_value(json_object_get(sha, machine));
+	if (!release || !*release || strpbrk(release, "/ ") || !json_is_object(sha)) {
+		err = ib_error_set("python version table '%s': entry '%s' needs \"release\" and \"sha256\"", path,
+				   version);
+		goto out;
+	}
+	if (!digest) {
+		ib_error_set("python_version: '%s' has no archive for %s in '%s'", version, machine, path);
+		err = IB_EINVALID;
+		goto out;
+	}
+	if (!hex64(digest)) {
+		err = ib_error_set("python version table '%s': '%s' %s digest is not 64 lowercase hex digits", path,
+				   version, machine);
+		goto out;
+	}
+	snprintf(pin.version, sizeof(pin.version), "%s", version);
+	snprintf(pin.release, sizeof(pin.release), "%s", release);
+	snprintf(pin.machine, sizeof(pin.machine), "%s", machine);
+	snprintf(pin.sha256, sizeof(pin.sha256), "%s", digest);
+	if (!mirror || !*mirror)
+		mirror = IB_PYTHON_MIRROR_DEFAULT;
+	pin.url = ib_xasprintf("%s%s%s/cpython-%s+%s-%s-unknown-linux-gnu-install_only.tar.gz", mirror,
+			       mirror[strlen(mirror) - 1] == '/' ? "" : "/", release, version, release, machine);
+	*out = pin;
+out:
+	json_decref(doc);
+	free(path);
+	return err;
+}
+
+void ib_python_pin_clear(ib_python_pin *pin)
+{
+	if (!pin)
+		return;
+	free(pin->url);
+	memset(pin, 0, sizeof(*pin));
+}
+
+int ib_python_fetch(char **out_path, ib_cache *cache, const ib_python_pin *pin, const ib_fetch_opts *opts)
+{
+	char *dir = ib_xasprintf("%s/downloads", ib_cache_dir(cache));
+	char *path = ib_xasprintf("%s/%s.tar.gz", dir, pin->sha256);
+	char hex[IB_SHA256_HEX];
+	int err;
+
+	if ((err = ib_mkdir_p(dir, 0755)) < 0)
+		goto out;
+	/* One download serves every layer that needs it; it is checked on every use. */
+	if (access(path, F_OK) == 0) {
+		if ((err = ib_sha256_file(hex, path)) < 0)
+			goto out;
+		if (!strcmp(hex, pin->sha256))
+			goto out;
+		unlink(path);
+	}
+	err = ib_fetch(pin->url, path, pin->sha256, NULL, opts);
+out:
+	free(dir);
+	if (err) {
+		free(path);
+		return err;
+	}
+	*out_path = path;
+	return 0;
+}
+
+/* Is rel (relative to the tree root) a plain path that stays inside it? */
+static bool path_ok(const char *rel)
+{
+	const char *p = rel;
+
+	if (!*rel || *rel == '/')
+		return false;
+	while (*p) {
+		size_t n = strcspn(p, "/");
+		if ((n == 2 && !strncmp(p, "..", 2)))
+			return false;
+		p += n;
+		while (*p == '/')
+			p++;
+	}
+	return true;
+}
+
+/* A symlink target, resolved from the link's directory, must stay in the tree. */
+static bool link_ok(const char *rel, const char *target)
+{
+	int depth = 0;
+	const char *p;
+
+	if (*target == '/')
+		return false;
+	for (p = rel; *p; p++)
+		if (*p == '/' && p[1] && p[1] != '/')
+			depth++;
+	for (p = target; *p;) {
+		size_t n = strcspn(p, "/");
+		if (n == 2 && !strncmp(p, "..", 2))
+			depth--;
+		else if (n && !(n == 1 && *p == '.'))
+			depth++;
+		if (depth < 0)
+			return false;
+		p += n;
+		while (*p == '/')
+			p++;
+	}
+	return true;
+}
+
+int ib_python_unpack(const char *archive, const char *dir)
+{
+	static const char prefix[] = "python/";
+	struct archive *in = archive_read_new(), *out = archive_write_disk_new();
+	struct archive_entry *e;
+	char *root = ib_xasprintf("%s/usr/local", dir);
+	int err = 0, r;
+
+	archive_read_support_filter_all(in);
+	archive_read_support_format_tar(in);
+	/*
+	 * Destinations are absolute (under dir), so libarchive's own
+	 * NOABSOLUTEPATHS/SYMLINKS checks cannot be used; the checks above
+	 * (names inside python/, no "..", links that stay in the tree) are
+	 * what keeps every entry under dir/usr/local.
+	 */
+	archive_write_disk_set_options(out, ARCHIVE_EXTRACT_PERM | ARCHIVE_EXTRACT_TIME | ARCHIVE_EXTRACT_XATTR |
+						    ARCHIVE_EXTRACT_SECURE_NODOTDOT | ARCHIVE_EXTRACT_UNLINK);
+	if ((err = ib_mkdir_p(root, 0755)) < 0)
+		goto out;
+	if (archive_read_open_filename(in, archive, 1 << 16) != ARCHIVE_OK) {
+		err = ib_error_set("cannot read '%s': %s", archive, archive_error_string(in));
+		goto out;
+	}
+	while ((r = archive_read_next_header(in, &e)) == ARCHIVE_OK) {
+		const char *name = archive_entry_pathname(e), *rel, *link;
+		char *dest;
+
+		if (!strcmp(name, "python") || !strcmp(name, "python/") || !strcmp(name, "./python/"))
+			continue;
+		if (!strncmp(name, "./", 2))
+			name += 2;
+		if (strncmp(name, prefix, strlen(prefix)) || !path_ok(name + strlen(prefix))) {
+			err = ib_error_set("'%s': entry '%s' is outside python/: refusing the archive", archive, name);
+			goto out;
+		}
+		rel = name + strlen(prefix);
+		if ((link = archive_entry_hardlink(e))) {
+			if (!strncmp(link, "./", 2))
+				link += 2;
+			if (strncmp(link, prefix, strlen(prefix)) || !path_ok(link + strlen(prefix))) {
+				err = ib_error_set("'%s': hard link '%s' points outside python/: refusing the archive",
+						   archive, name);
+				goto out;
+			}
+			char *hl = ib_xasprintf("%s/%s", root, link + strlen(prefix));
+			archive_entry_set_hardlink(e, hl);
+			free(hl);
+		}
+		if ((link = archive_entry_symlink(e)) && !link_ok(rel, link)) {
+			err = ib_error_set("'%s': symlink '%s' -> '%s' leaves the tree: refusing the archive", archive,
+					   name, link);
+			goto out;
+		}
+		dest = ib_xasprintf("%s/%s", root, rel);
+		archive_entry_set_pathname(e, dest);
+		free(dest);
+		archive_entry_set_uid(e, 0);
+		archive_entry_set_gid(e, 0);
+		archive_entry_set_perm(e, archive_entry_perm(e) & 07755);
+		if (archive_write_header(out, e) != ARCHIVE_OK) {
+			err = ib_error_set("cannot unpack '%s' from '%s': %s", name, archive, archive_error_string(out));
+			goto out;
+		}
+		if (archive_entry_size(e) > 0) {
+			const void *buf;
+			size_t size;
+			la_int64_t off;
+			while ((r = archive_read_data_block(in, &buf, &size, &off)) == ARCHIVE_OK) {
+				if (archive_write_data_block(out, buf, size, off) != ARCHIVE_OK) {
+					err = ib_error_set("cannot write '%s': %s", name, archive_error_string(out));
+					goto out;
+				}
+			}
+			if (r != ARCHIVE_EOF) {
+				err = ib_error_set("cannot read '%s' in '%s': %s", name, archive,
+						   archive_error_string(in));
+				goto out;
+			}
+		}
+		if (archive_write_finish_entry(out) != ARCHIVE_OK) {
+			err = ib_error_set("cannot finish '%s': %s", name, archive_error_string(out));
+			goto out;
+		}
+	}
+	if (r != ARCHIVE_EOF)
+		err = ib_error_set("cannot read '%s': %s", archive, archive_error_string(in));
+out:
+	if (archive_write_close(out) != ARCHIVE_OK && !err)
+		err = ib_error_set("cannot unpack '%s': %s", archive, archive_error_string(out));
+	archive_read_free(in);
+	archive_write_free(out);
+	free(root);
+	return err;
+}

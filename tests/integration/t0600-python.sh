@@ -1,0 +1,102 @@
+# The pinned python: a python-build-standalone-style archive made here from a
+# real CPython (not Debian's), served with a PEP 503 index on 127.0.0.1; the
+# image's python3/pip3 must be the pin, pip_install and cloudpickle must
+# import with it, and a wrong digest must fail with nothing cached.
+. "$(dirname "$0")/lib.sh"
+C="$SHARED_CACHE"
+
+src=""
+for d in /root/.pyenv/versions/3.12.* /usr/local/python3.12*; do
+	[ -x "$d/bin/python3" ] && { src=$d; break; }
+done
+if [ -z "$src" ]; then
+	echo "skip: no CPython 3.12 interpreter besides Debian's (e.g. pyenv's) to make a test archive from"
+	exit 77
+fi
+V=$("$src/bin/python3" -c 'import platform; print(platform.python_version())')
+[ "$V" != "$(/usr/bin/python3 -c 'import platform; print(platform.python_version())')" ] || fail "same as Debian's"
+REL=20990101
+M=$(uname -m)
+
+# A relocatable install_only-style tree: python/bin, python/lib (stdlib, pip).
+P="$T/pbs/python"
+mkdir -p "$P/bin" "$P/lib/python3.12/site-packages"
+cp -a "$src/bin/python3.12" "$P/bin/"
+ln -s python3.12 "$P/bin/python3"
+cp -a "$src"/lib/libpython3.12.so* "$P/lib/" 2>/dev/null || true
+tar -C "$src/lib/python3.12" --exclude=site-packages --exclude=test --exclude=idlelib --exclude=tkinter \
+	--exclude=__pycache__ --exclude=ensurepip --exclude='config-3.12*' -cf - . | tar -C "$P/lib/python3.12" -xf -
+cp -a "$src"/lib/python3.12/site-packages/pip "$src"/lib/python3.12/site-packages/pip-*.dist-info \
+	"$P/lib/python3.12/site-packages/"
+printf '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/python3" -m pip "$@"\n' > "$P/bin/pip3"
+chmod 755 "$P/bin/pip3"
+if ls "$P"/lib/libpython3.12.so* >/dev/null 2>&1; then
+	patchelf --set-rpath '$ORIGIN/../lib' "$P/bin/python3.12" || fail "patchelf"
+fi
+"$P/bin/python3" -c 'import sys; assert sys.prefix.endswith("/pbs/python"), sys.prefix' || fail "archive python is not relocatable"
+mkdir -p "$T/mirror/$REL"
+A="$T/mirror/$REL/cpython-$V+$REL-$M-unknown-linux-gnu-install_only.tar.gz"
+tar -C "$T/pbs" --owner=1000 --group=1000 -czf "$A" python
+digest=$(sha256sum "$A" | cut -d' ' -f1)
+cp "$A" "$T/mirror/$REL/cpython-3.12.77+$REL-$M-unknown-linux-gnu-install_only.tar.gz"
+printf '{"%s": {"release": "%s", "sha256": {"%s": "%s"}}, "3.12.77": {"release": "%s", "sha256": {"%s": "%s"}}}\n' \
+	"$V" "$REL" "$M" "$digest" "$REL" "$M" "$(printf 0%.0s $(seq 64))" > "$T/versions.json"
+ok "made $(basename "$A") ($(du -h "$A" | cut -f1)) from $src"
+
+# cloudpickle from Debian's package, as a wheel on the test index.
+mkdir -p "$T/deb" "$T/wheels"
+(cd "$T/deb" && { apt-get download python3-cloudpickle >/dev/null 2>&1 ||
+	{ apt-get update -qq && apt-get download python3-cloudpickle >/dev/null; }; }) || fail "cannot get python3-cloudpickle"
+dpkg-deb -x "$T"/deb/python3-cloudpickle_*.deb "$T/deb/x"
+cpv=$(dpkg-deb -f "$T"/deb/python3-cloudpickle_*.deb Version | sed 's/-.*//')
+$PY "$TOP/tests/fixtures/pyindex.py" wheel-from-dir "$T/wheels" cloudpickle "$cpv" \
+	"$T/deb/x/usr/lib/python3/dist-packages/cloudpickle" >/dev/null
+$PY "$TOP/tests/fixtures/pyindex.py" wheel "$T/wheels" ibtest 1.0 >/dev/null
+start_pyindex "$T/wheels"
+start_static "$T/mirror"
+export IMAGEBUILDER_PYTHON_MIRROR="$STATIC_URL"
+export IMAGEBUILDER_PYTHON_VERSIONS="$T/versions.json"
+
+cat > "$T/spec.json" <<JSON
+{"base": "debian_amd64", "python_version": "$V", "steps": [
+  {"pip_install": ["ibtest==1.0"]},
+  {"run_commands": [
+    "python3 --version > /pyver.txt",
+    "pip3 --version > /pipver.txt",
+    "python3 -c 'import cloudpickle, ibtest; print(ibtest.hello()); print(cloudpickle.loads(cloudpickle.dumps(lambda x: x + 1))(41))' > /imports.txt"
+  ]}
+]}
+JSON
+"$IB" build --cache-dir "$C" --json -o "$T/out.ext4" "$T/spec.json" >"$T/b.json" 2>"$T/b.log" ||
+	fail "build failed: $(tail -20 "$T/b.log")"
+[ "$(json_get "$T/b.json" '",".join(l["kind"] for l in d["layers"])')" = "base,python,pip_install,run_commands" ] ||
+	fail "layers: $(json_get "$T/b.json" '[l["kind"] for l in d["layers"]]')"
+fsck_clean "$T/out.ext4"
+[ "$(img_cat "$T/out.ext4" /pyver.txt)" = "Python $V" ] || fail "python3 --version: '$(img_cat "$T/out.ext4" /pyver.txt)'"
+img_cat "$T/out.ext4" /pipver.txt | grep -q "python 3.12" || fail "pip3 is not the pinned python's: $(img_cat "$T/out.ext4" /pipver.txt)"
+[ "$(img_cat "$T/out.ext4" /imports.txt)" = "$(printf 'hello from ibtest 1.0\n42')" ] ||
+	fail "imports: '$(img_cat "$T/out.ext4" /imports.txt)'"
+img_exists "$T/out.ext4" /usr/local/bin/python3 || fail "no /usr/local/bin/python3"
+img_cat "$T/out.ext4" /etc/imagebuilder/image.json | grep -q "\"python_version\": \"$V\"" || fail "image.json lacks the pin"
+ok "python3 and pip3 are $V from the archive; pip_install and cloudpickle work with it"
+[ -f "$C/downloads/$digest.tar.gz" ] || fail "the archive is not in the download store"
+
+printf '{"base": "debian_amd64", "python_version": "%s", "steps": [{"run_commands": ["true"]}]}' "$V" > "$T/spec2.json"
+"$IB" build --cache-dir "$C" --json "$T/spec2.json" >"$T/b2.json" 2>"$T/b2.log" || fail "second build failed"
+[ "$(json_get "$T/b2.json" 'd["layers"][1]["cached"]')" = True ] || fail "the python layer was not shared"
+[ "$(json_get "$T/b2.json" 'd["layers"][1]["key"]')" = "$(json_get "$T/b.json" 'd["layers"][1]["key"]')" ] || fail "python key differs"
+ok "another spec with the same base and version shares the python layer"
+
+n=$(ls "$C/layers" | wc -l)
+printf '{"base": "debian_amd64", "python_version": "3.12.77", "steps": [{"run_commands": ["true"]}]}' > "$T/bad.json"
+"$IB" build --cache-dir "$C" "$T/bad.json" >/dev/null 2>"$T/bad.log" && fail "a wrong digest was accepted"
+grep -q "SHA-256" "$T/bad.log" || fail "the message does not say the digest is wrong: $(tail -2 "$T/bad.log")"
+[ "$(ls "$C/layers" | wc -l)" = "$n" ] || fail "a layer was cached from a wrong archive"
+ls "$C/downloads" | grep -q part && fail "a partial download was left"
+cache_sound "$C"
+ok "a wrong digest fails the build, says so, caches nothing"
+
+printf '{"base": "debian_amd64", "python_version": "3.1.4"}' > "$T/unknown.json"
+expect_status 2 "$IB" build --cache-dir "$C" "$T/unknown.json" 2>"$T/u.log"
+grep -q python_version "$T/u.log" || fail "unknown version message"
+ok "an unknown version is a bad spec (exit 2)"
