@@ -40,7 +40,19 @@ UNIT_BIN = $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 FLAGS_STAMP = $(BUILD)/.flags
 $(shell mkdir -p $(BUILD) && echo '$(CC) $(ALL_CFLAGS) $(LDFLAGS)' | cmp -s - $(FLAGS_STAMP) || echo '$(CC) $(ALL_CFLAGS) $(LDFLAGS)' > $(FLAGS_STAMP))
 
-all: $(BUILD)/imagebuilder
+# The init installed into images without one: static, one per machine,
+# cross-compiled for the machine that is not the host.  Never sanitized.
+HOST_MACHINE := $(shell uname -m)
+INIT_MACHINES = x86_64 aarch64
+INIT_BINS = $(INIT_MACHINES:%=$(BUILD)/ib-init-%)
+init_cc = $(if $(filter $(1),$(HOST_MACHINE)),$(CC),$(1)-linux-gnu-gcc)
+INIT_CFLAGS = -static -Os -s -std=c11 -D_GNU_SOURCE $(WARN) -include builder/banned.h
+
+all: $(BUILD)/imagebuilder $(INIT_BINS)
+
+$(BUILD)/ib-init-%: init/ib-init.c builder/banned.h
+	@mkdir -p $(dir $@)
+	$(call init_cc,$*) $(INIT_CFLAGS) -o $@ $<
 
 $(BUILD)/obj/%.o: %.c $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)

@@ -195,6 +195,7 @@ char *ib_build_image_json(const ib_build *b)
 	json_object_set_new(doc, "image_id", json_string(b->image_id));
 	json_object_set_new(doc, "base", json_string(b->spec->base));
 	json_object_set_new(doc, "arch", json_string(b->arch));
+	json_object_set_new(doc, "machine", json_string(b->machine));
 	json_object_set_new(doc, "python_version",
 			    b->spec->python_version ? json_string(b->spec->python_version) : json_null());
 	if (b->python)
@@ -588,15 +589,112 @@ static char *stack_environment(char *const *layers, size_t n)
 	return ib_xstrdup("");
 }
 
+/*
+ * lstat rel in the merged stack: the topmost layer that has it decides; a
+ * whiteout there means absent.  1 found, 0 absent.
+ */
+static int stack_lstat(char *const *layers, size_t n, const char *rel, struct stat *st)
+{
+	for (size_t i = n; i-- > 0;) {
+		char *path = ib_xasprintf("%s/%s", layers[i], rel);
+		int r = lstat(path, st);
+
+		free(path);
+		if (r == 0)
+			return !(S_ISCHR(st->st_mode) && st->st_rdev == 0);
+	}
+	return 0;
+}
+
+/* The static init for machine: beside the program, or installed. */
+static char *find_init(const char *machine)
+{
+	char exe[4096];
+	ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+	char *path;
+
+	if (len > 0) {
+		exe[len] = '\0';
+		char *slash = strrchr(exe, '/');
+		if (slash)
+			*slash = '\0';
+		path = ib_xasprintf("%s/ib-init-%s", exe, machine);
+		if (access(path, X_OK) == 0)
+			return path;
+		free(path);
+	}
+	path = ib_xasprintf("/usr/lib/imagebuilder/ib-init-%s", machine);
+	if (access(path, X_OK) == 0)
+		return path;
+	free(path);
+	return NULL;
+}
+
+/*
+ * An image without an init of its own gets imagebuilder's at /sbin/init
+ * (through /sbin -> usr/sbin on merged-/usr systems).  One with an init (say
+ * systemd-sysv's) keeps it.
+ */
+static int install_init(const char *dir, char *const *layers, size_t n, const char *machine)
+{
+	struct stat st;
+	char target[64] = "", *src = NULL, *data = NULL, *dst = NULL, *parent = NULL;
+	const char *rel = "sbin/init";
+	size_t len = 0;
+	int err = 0;
+
+	if (stack_lstat(layers, n, "sbin", &st) && S_ISLNK(st.st_mode)) {
+		for (size_t i = n; i-- > 0;) {
+			char *p = ib_xasprintf("%s/sbin", layers[i]);
+			ssize_t tl = readlink(p, target, sizeof(target) - 1);
+			free(p);
+			if (tl >= 0) {
+				target[tl] = '\0';
+				break;
+			}
+		}
+		if (strcmp(target, "usr/sbin") && strcmp(target, "/usr/sbin"))
+			return ib_error_set("cannot install an init: /sbin links to '%s'", target);
+		rel = "usr/sbin/init";
+	}
+	if (stack_lstat(layers, n, rel, &st))
+		return 0;
+	src = find_init(machine);
+	if (!src)
+		return ib_error_set("no init for %s beside the program or in /usr/lib/imagebuilder (make builds "
+				    "build/ib-init-%s)", machine, machine);
+	if ((err = ib_read_file(&data, &len, src, 16 << 20)) < 0)
+		goto out;
+	dst = ib_xasprintf("%s/%s", dir, rel);
+	parent = ib_xstrndup(dst, (size_t)(strrchr(dst, '/') - dst));
+	if ((err = ib_mkdir_p(parent, 0755)) < 0)
+		goto out;
+	if ((err = ib_write_file_atomic(dst, data, len, 0755)) < 0)
+		goto out;
+	if (chmod(dst, 0755) < 0)
+		err = ib_error_set_errno(errno, "cannot chmod '%s'", dst);
+out:
+	free(src);
+	free(data);
+	free(dst);
+	free(parent);
+	return err;
+}
+
 /* The metadata layer: /etc/imagebuilder/image.json and the env in /etc/environment. */
 static int make_meta_layer(const char *dir, const char *meta, char *const *layers, size_t n, int64_t epoch)
 {
 	json_t *doc = json_loads(meta, 0, NULL), *env = json_object_get(doc, "env"), *v;
+	const char *machine = json_string_value(json_object_get(doc, "machine"));
 	ib_buf envfile = IB_BUF_INIT;
 	char *path = NULL, *old = NULL;
 	const char *k;
 	int err = 0;
 
+	if (!machine) {
+		err = ib_error_set("image metadata names no machine");
+		goto out;
+	}
 	path = ib_xasprintf("%s/etc/imagebuilder", dir);
 	if ((err = ib_mkdir_p(path, 0755)) < 0)
 		goto out;
@@ -624,6 +722,8 @@ static int make_meta_layer(const char *dir, const char *meta, char *const *layer
 		if ((err = ib_write_file_atomic(path, envfile.ptr, envfile.len, 0644)) < 0)
 			goto out;
 	}
+	if ((err = install_init(dir, layers, n, machine)) < 0)
+		goto out;
 	err = ib_tree_normalise(dir, epoch);
 out:
 	json_decref(doc);

@@ -38,7 +38,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -68,6 +67,7 @@
 #define COPY_BUF_SIZE		(1024 * 1024)
 #define DIRENT_TAIL_SIZE	12		/* struct ext2_dir_entry_tail */
 #define DX_TAIL_SIZE		8		/* struct ext2_dx_tail */
+#define FAST_SYMLINK_MAX	(EXT2_N_BLOCKS * 4)	/* shorter targets live in i_block */
 
 /*
  * Sizing (see estimate_*() and choose_geometry()):
@@ -160,7 +160,7 @@ struct writer {
 struct estimate {
 	uint64_t inodes;
 	uint64_t blocks;
-	bool has_lpf;
+	bool has_lpf;					/* the tree has /lost+found */
 	uint64_t dir_bytes[IB_LAYERFS_DEPTH_MAX + 1];	/* by depth: records so far */
 };
 
@@ -270,7 +270,8 @@ static int estimate_enter(void *ctx, ib_layerfs_entry *e)
 
 	if (e->parent)
 		est->dir_bytes[e->depth - 1] += EXT2_DIR_REC_LEN(strlen(e->name));
-	if (e->depth == 1 && S_ISDIR(e->st.st_mode) && !strcmp(e->name, "lost+found"))
+	/* The tree's own /lost+found, whatever it is, takes the name. */
+	if (e->depth == 1 && !strcmp(e->name, "lost+found"))
 		est->has_lpf = true;
 	if (e->link_first)
 		return 0;
@@ -282,7 +283,7 @@ static int estimate_enter(void *ctx, ib_layerfs_entry *e)
 	} else if (S_ISREG(e->st.st_mode)) {
 		uint64_t n = file_data_blocks(&e->st);
 		est->blocks += n + extent_tree_blocks(n);
-	} else if (S_ISLNK(e->st.st_mode) && strlen(e->symlink) >= sizeof(((struct ext2_inode *)0)->i_block)) {
+	} else if (S_ISLNK(e->st.st_mode) && strlen(e->symlink) >= FAST_SYMLINK_MAX) {
 		est->blocks++;
 	}
 	return 0;
@@ -393,7 +394,7 @@ static int choose_geometry(ext2_filsys *out, int fd, const struct estimate *est)
 			    (unsigned long long)want, (unsigned long long)inodes);
 }
 
-static int set_identity(ext2_filsys fs, const ib_export_opts *opts)
+static void set_identity(ext2_filsys fs, const ib_export_opts *opts)
 {
 	unsigned char id[32];
 
@@ -417,7 +418,6 @@ static int set_identity(ext2_filsys fs, const ib_export_opts *opts)
 	fs->super->s_flags |= EXT2_FLAGS_SIGNED_HASH;
 	fs->super->s_checksum_type = EXT2_CRC32C_CHKSUM;
 	ext2fs_init_csum_seed(fs);
-	return 0;
 }
 
 static void set_clock(ext2_filsys fs, int64_t epoch)
@@ -434,6 +434,7 @@ static void set_clock(ext2_filsys fs, int64_t epoch)
 	 * libext2fs 1.47.0 takes now == 0 for "unset" and truncates it to 32
 	 * bits wherever it uses it: keep the low 32 bits, never 0.
 	 */
+	_Static_assert(sizeof(time_t) >= 8, "time_t must have 64 bits");
 	fs->now = lo ? (time_t)lo : (time_t)1 << 32;
 #endif
 	sb->s_mkfs_time = sb->s_lastcheck = sb->s_mtime = sb->s_wtime = lo;
@@ -721,7 +722,7 @@ static int write_symlink(struct writer *w, const ib_layerfs_entry *e, ext2_ino_t
 	int err;
 
 	ib->in.i_size = (__u32)len;
-	if (len < sizeof(ib->in.i_block)) {
+	if (len < FAST_SYMLINK_MAX) {
 		/* A fast symlink: the target lives in i_block. */
 		memcpy(ib->in.i_block, e->symlink, len);
 		return write_inode(w, ino, ib, e->path);
@@ -738,7 +739,8 @@ static int write_symlink(struct writer *w, const ib_layerfs_entry *e, ext2_ino_t
 	memcpy(w->buf, e->symlink, len);
 	if (pwrite_all(w->fd, w->buf, BLOCK_SIZE, (off_t)(pblk * BLOCK_SIZE)) < 0)
 		return ib_error_set_errno(errno, "cannot write the ext4 image");
-	ext2fs_iblk_set(w->fs, (struct ext2_inode *)&ib->in, 1);
+	if (ext2fs_iblk_set(w->fs, (struct ext2_inode *)&ib->in, 1))
+		return ib_error_set("cannot count the block of symlink '%s'", e->path);
 	err = set_extents(w, ino, ib, e->path);
 	if (err)
 		return err;
@@ -1182,13 +1184,11 @@ static int prepare_fs(struct writer *w, const ib_export_opts *opts)
 	union inode_buf zero;
 	blk64_t overhead = 0;
 	errcode_t code;
-	int err;
 
-	err = set_identity(fs, opts);
-	if (err)
-		return err;
+	set_identity(fs, opts);
 	set_clock(fs, w->epoch);
 	fs->super->s_max_mnt_count = (__s16)-1;
+	/* Zero keeps libext2fs from adding its own count of bytes written. */
 	fs->super->s_kbytes_written = 0;
 	/* The file is fresh: its inode tables read as zeros already. */
 	for (dgrp_t g = 0; g < fs->group_desc_count; g++)
@@ -1322,12 +1322,13 @@ int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayer
 	/* Descriptors changed after the seed was set: checksum them all again. */
 	for (dgrp_t g = 0; g < w.fs->group_desc_count; g++)
 		ext2fs_group_desc_csum_set(w.fs, g);
-	code = ext2fs_close2(w.fs, EXT2_FLAG_FLUSH_NO_SYNC);
-	w.fs = NULL;
+	/* With a sync: a write error in libext2fs' cache shows up here, not lost at free. */
+	code = ext2fs_close2(w.fs, 0);
 	if (code) {
 		err = fs_error(code, "cannot write the ext4 metadata of '%s'", tmp);
 		goto out;
 	}
+	w.fs = NULL;
 	err = commit_output(tmp, fd, out_path);
 	if (err)
 		goto out;

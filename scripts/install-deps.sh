@@ -7,6 +7,11 @@ PKGS="gcc make pkg-config libc6-dev
 libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev
 qemu-user-static patchelf
 mmdebstrap e2fsprogs python3 ca-certificates bc"
+# a cross compiler for the init of the other architecture
+case "$(uname -m)" in
+x86_64) PKGS="$PKGS gcc-aarch64-linux-gnu libc6-dev-arm64-cross" ;;
+aarch64) PKGS="$PKGS gcc-x86-64-linux-gnu libc6-dev-amd64-cross" ;;
+esac
 
 missing=""
 for p in $PKGS; do

@@ -89,7 +89,7 @@ static void put_node(const char *dir, const char *name, mode_t mode, dev_t dev)
 
 	if (mknod(p, mode, dev) < 0)
 		die(p);
-	/* Not for whiteouts: chmod would be harmless, but they stay as made. */
+	/* mknod's mode went through the umask; whiteouts keep theirs. */
 	if ((!S_ISCHR(mode) || dev) && chmod(p, mode & 07777) < 0)
 		die(p);
 	free(p);
