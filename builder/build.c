@@ -692,8 +692,9 @@ static int make_meta_layer(const char *dir, const char *meta, char *const *layer
 	int err = 0;
 
 	if (!machine) {
-		err = ib_error_set("image metadata names no machine");
-		goto out;
+		/* images indexed before "machine" was recorded */
+		const char *arch = json_string_value(json_object_get(doc, "arch"));
+		machine = arch && !strcmp(arch, "arm64") ? "aarch64" : "x86_64";
 	}
 	path = ib_xasprintf("%s/etc/imagebuilder", dir);
 	if ((err = ib_mkdir_p(path, 0755)) < 0)

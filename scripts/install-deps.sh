@@ -5,7 +5,7 @@ set -eu
 
 PKGS="gcc make pkg-config libc6-dev
 libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev
-qemu-user-static patchelf
+qemu-user-static qemu-system-x86 patchelf
 mmdebstrap e2fsprogs python3 ca-certificates bc"
 # a cross compiler for the init of the other architecture
 case "$(uname -m)" in
