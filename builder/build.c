@@ -284,6 +284,7 @@ struct run_ctx {
 	char *apt_lists;
 	char *apt_archives;
 	char *apt_lock;
+	int *held;         /* per layer: its lock, held shared while the build uses it, or -1 */
 };
 
 /*
@@ -478,23 +479,34 @@ static int build_layer(struct run_ctx *rc, size_t index)
 	int err = 0, lockfd = -1, tmplock = -1, r;
 	double t0;
 
-	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
-		if (r < 0)
-			return r;
-		set_layer(b, index, IB_LAYER_CACHED, -1);
-		emit(rc->prog, "[%zu/%zu] %s: cached (%.12s)\n", index + 1, b->nlayers, l->kind, l->key);
-		return 0;
-	}
-	/* Single flight per layer: whoever holds the lock builds it. */
 	bool waited = false;
-	if ((err = ib_cache_lock_layer(rc->cache, l->key, rc->opts->cancel, rc->deadline, &lockfd, &waited)) < 0) {
-		set_layer(b, index, IB_LAYER_FAILED, -1);
-		return err;
-	}
-	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
+	if (!rc->opts->force) {
+		/* In use from here on (shared lock): gc leaves it alone. */
+		if ((err = ib_cache_lock_layer(rc->cache, l->key, IB_LOCK_SHARED, rc->opts->cancel, rc->deadline,
+					       &lockfd, NULL)) < 0)
+			goto fail_early;
+		if ((r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
+			if (r < 0) {
+				ib_cache_unlock(lockfd);
+				return r;
+			}
+			rc->held[index] = lockfd;
+			set_layer(b, index, IB_LAYER_CACHED, -1);
+			emit(rc->prog, "[%zu/%zu] %s: cached (%.12s)\n", index + 1, b->nlayers, l->kind, l->key);
+			return 0;
+		}
 		ib_cache_unlock(lockfd);
-		if (r < 0)
+		lockfd = -1;
+	}
+	/* Single flight per layer: whoever holds the exclusive lock builds it. */
+	if ((err = ib_cache_lock_layer(rc->cache, l->key, 0, rc->opts->cancel, rc->deadline, &lockfd, &waited)) < 0)
+		goto fail_early;
+	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
+		if (r < 0 || (r = ib_cache_share_lock(lockfd)) < 0) {
+			ib_cache_unlock(lockfd);
 			return r;
+		}
+		rc->held[index] = lockfd;
 		set_layer(b, index, IB_LAYER_CACHED, -1);
 		emit(rc->prog, "[%zu/%zu] %s: cached, built meanwhile (%.12s)\n", index + 1, b->nlayers, l->kind,
 		     l->key);
@@ -540,6 +552,11 @@ static int build_layer(struct run_ctx *rc, size_t index)
 		goto out;
 	err = ib_cache_layer_commit(rc->cache, l->key, index ? b->layers[index - 1].key : NULL, l->kind,
 				    l->canonical, upper, ib_now() - t0, NULL);
+	/* Built: keep using it (shared) for the rest of the build. */
+	if (!err && (err = ib_cache_share_lock(lockfd)) == 0) {
+		rc->held[index] = lockfd;
+		lockfd = -1;
+	}
 out:
 	if (err) {
 		char *tail = tail_of(&rc->prog->tail);
@@ -557,6 +574,9 @@ out:
 	free(scratch);
 	free(upper);
 	ib_cache_unlock(lockfd);
+	return err;
+fail_early:
+	set_layer(b, index, IB_LAYER_FAILED, -1);
 	return err;
 }
 
@@ -741,14 +761,20 @@ int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_p
 	const char **layers = NULL;
 	json_t *doc = NULL;
 	int64_t epoch = IB_DEFAULT_EPOCH;
-	int err, tmplock = -1;
+	int err, tmplock = -1, *locks = NULL;
 
 	doc = json_loads(img->meta, 0, NULL);
 	if (json_integer_value(json_object_get(doc, "source_date_epoch")))
 		epoch = json_integer_value(json_object_get(doc, "source_date_epoch"));
 	paths = ib_xcalloc(img->nlayers + 1, sizeof(*paths));
 	layers = ib_xcalloc(img->nlayers + 1, sizeof(*layers));
+	locks = ib_xmalloc((img->nlayers + 1) * sizeof(*locks));
+	for (size_t i = 0; i < img->nlayers; i++)
+		locks[i] = -1;
 	for (size_t i = 0; i < img->nlayers; i++) {
+		/* in use: gc must not remove a layer while it is read */
+		if ((err = ib_cache_lock_layer(cache, img->layers[i], IB_LOCK_SHARED, NULL, 0, &locks[i], NULL)) < 0)
+			goto out;
 		int r = ib_cache_layer_get(cache, img->layers[i], NULL);
 		paths[i] = ib_cache_layer_path(cache, img->layers[i]);
 		layers[i] = paths[i];
@@ -773,6 +799,10 @@ out:
 	if (paths)
 		for (size_t i = 0; i < img->nlayers; i++)
 			free(paths[i]);
+	if (locks)
+		for (size_t i = 0; i < img->nlayers; i++)
+			ib_cache_unlock(locks[i]);
+	free(locks);
 	free(paths);
 	free(layers);
 	free(meta);
@@ -867,6 +897,9 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	double timeout = opts->timeout > 0 ? opts->timeout : IB_STEP_TIMEOUT_DEFAULT;
 
 	rc.deadline = ib_now() + timeout;
+	rc.held = ib_xmalloc(b->nlayers * sizeof(*rc.held));
+	for (size_t i = 0; i < b->nlayers; i++)
+		rc.held[i] = -1;
 	if (!opts->force && (r = ib_cache_image_get(cache, b->image_id, NULL)) != 0) {
 		ib_image_info img = { 0 };
 		if (r < 0 || (r = ib_cache_image_get(cache, b->image_id, &img)) <= 0) {
@@ -935,6 +968,9 @@ out:
 	free(rc.apt_lists);
 	free(rc.apt_archives);
 	free(rc.apt_lock);
+	for (size_t i = 0; i < b->nlayers; i++)
+		ib_cache_unlock(rc.held[i]);
+	free(rc.held);
 	ib_buf_free(&prog.tail);
 	return err;
 }

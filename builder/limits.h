@@ -21,4 +21,17 @@
 #define IB_TIMEOUT_MAX		(7 * 24 * 3600)	/* seconds */
 #define IB_JSON_DEPTH_MAX	16		/* nesting of a spec document */
 
+/* The BuildImage service (imagebuilder serve). */
+#define IB_SERVE_BODY_MAX	(IB_SPEC_MAX_BYTES + 64 * 1024) /* one RPC request body */
+#define IB_SERVE_TOKEN_MAX	4096		/* the bearer token file */
+#define IB_SERVE_JOBS_MAX	64		/* --jobs: concurrent builds */
+#define IB_SERVE_HTTP_THREADS_MAX 256		/* --http-threads */
+#define IB_SERVE_QUEUE_MAX	1024		/* builds waiting for a builder */
+#define IB_SERVE_CONNECTIONS_MAX 4096		/* open client connections */
+#define IB_SERVE_IDLE_TIMEOUT	120		/* seconds a keep-alive connection may idle */
+#define IB_SERVE_RECENT_MAX	256		/* finished builds kept in memory */
+#define IB_SERVE_CANCEL_WAIT	10		/* seconds CancelBuild waits for the build to stop */
+#define IB_SERVE_URL_MAX	2048		/* --public-url */
+#define IB_BUILD_ID_MAX		64		/* a build id (with its NUL) */
+
 #endif

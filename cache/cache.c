@@ -60,6 +60,24 @@ static const char *const migrations[] = {
 	"  created INTEGER NOT NULL,"
 	"  finished INTEGER,"
 	"  error TEXT);",
+	/* 2: where images were warmed from (imagebuilder warm --git) */
+	"CREATE TABLE image_sources ("
+	"  image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,"
+	"  source TEXT NOT NULL,"
+	"  commit_id TEXT NOT NULL,"
+	"  path TEXT NOT NULL,"
+	"  warmed INTEGER NOT NULL,"
+	"  PRIMARY KEY (image_id, source, commit_id, path));",
+	/* 3: the BuildImage service's build records (cache/builds.c) */
+	"ALTER TABLE builds ADD COLUMN started INTEGER;"
+	"ALTER TABLE builds ADD COLUMN force INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE builds ADD COLUMN timeout_s INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE builds ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE builds ADD COLUMN error_step INTEGER;"
+	"ALTER TABLE builds ADD COLUMN log_tail TEXT;"
+	"ALTER TABLE builds ADD COLUMN steps TEXT;"
+	"CREATE INDEX builds_image ON builds(image_id, status, created);"
+	"CREATE INDEX builds_status ON builds(status);",
 };
 
 static int db_error(sqlite3 *db, const char *what)
@@ -275,17 +293,20 @@ int ib_cache_clean_tmp(ib_cache *c)
 	return err;
 }
 
-int ib_cache_lock_layer(ib_cache *c, const char *key, volatile int *cancel, double deadline, int *out_fd,
-			bool *out_waited)
+int ib_cache_lock_layer(ib_cache *c, const char *key, unsigned flags, volatile int *cancel, double deadline,
+			int *out_fd, bool *out_waited)
 {
 	char *path = ib_xasprintf("%s/locks/%s.lock", c->dir, key);
 	struct timespec pause = { 0, 50 * 1000 * 1000 };
+	int op = ((flags & IB_LOCK_SHARED) ? LOCK_SH : LOCK_EX) | LOCK_NB;
 	int err;
 
 	if (out_waited)
 		*out_waited = false;
 	/* flock cannot be interrupted by a flag: poll it. */
-	while ((err = lock_file(path, LOCK_EX | LOCK_NB, out_fd)) == IB_EEXISTS) {
+	while ((err = lock_file(path, op, out_fd)) == IB_EEXISTS) {
+		if (flags & IB_LOCK_NOWAIT)
+			break;
 		if (out_waited)
 			*out_waited = true;
 		if (cancel && *cancel) {
@@ -302,6 +323,15 @@ int ib_cache_lock_layer(ib_cache *c, const char *key, volatile int *cancel, doub
 	}
 	free(path);
 	return err;
+}
+
+int ib_cache_share_lock(int fd)
+{
+	while (flock(fd, LOCK_SH) < 0) {
+		if (errno != EINTR)
+			return ib_error_set_errno(errno, "cannot downgrade a layer lock");
+	}
+	return 0;
 }
 
 void ib_cache_unlock(int fd)

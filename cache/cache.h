@@ -74,14 +74,24 @@ int ib_cache_layer_commit(ib_cache *cache, const char *key, const char *parent,
 int ib_cache_layer_remove(ib_cache *cache, const char *key);
 
 /*
- * Take the per-layer lock, waiting while another build (in this process or
- * another one on the same cache dir) holds it; returns an fd to pass to
- * unlock.  The wait ends with IB_ECANCELED when *cancel becomes non-zero
- * and IB_ETIMEOUT at deadline (an ib_now() value; 0: none); cancel may be
- * NULL.  *out_waited (may be NULL) says whether it had to wait.
+ * Per-layer locks (DIR/locks/<key>.lock, flock, shared with every process
+ * on the same cache dir).  Exclusive: building the layer, or gc removing
+ * it.  Shared: the layer is in use (a lower layer of a running step, part
+ * of an export); gc leaves it alone.  A builder that committed a layer
+ * downgrades its exclusive lock to shared with ib_cache_share_lock().
+ *
+ * Waits while the lock is taken the other way; the wait ends with
+ * IB_ECANCELED when *cancel becomes non-zero and IB_ETIMEOUT at deadline
+ * (an ib_now() value; 0: none); cancel may be NULL.  *out_waited (may be
+ * NULL) says whether it had to wait.  With nowait, a taken lock is
+ * IB_EEXISTS at once.
  */
-int ib_cache_lock_layer(ib_cache *cache, const char *key, volatile int *cancel, double deadline,
+#define IB_LOCK_SHARED 0x1
+#define IB_LOCK_NOWAIT 0x2
+
+int ib_cache_lock_layer(ib_cache *cache, const char *key, unsigned flags, volatile int *cancel, double deadline,
 			int *out_fd, bool *out_waited);
+int ib_cache_share_lock(int fd);
 void ib_cache_unlock(int fd);
 
 /* An image's row. */

@@ -652,6 +652,16 @@ TEST(ext4_export_metadata)
 	ASSERT_STR_CONTAINS(out, " mtime: 0x5f5e1000:00000000");
 	ASSERT_STR_CONTAINS(out, "crtime: 0x5f5e1000:00000000");
 	free(out);
+	/* Inodes libext2fs writes itself: the journal, lost+found. */
+	out = debugfs(img, "stat <8>");
+	ASSERT_STR_CONTAINS(out, " mtime: 0x5f5e1000:00000000");
+	ASSERT_STR_CONTAINS(out, "crtime: 0x5f5e1000:00000000");
+	free(out);
+	out = debugfs(img, "stat /lost+found");
+	ASSERT_STR_CONTAINS(out, "Mode:  0700");
+	ASSERT_STR_CONTAINS(out, " ctime: 0x5f5e1000:00000000");
+	ASSERT_STR_CONTAINS(out, "Size: 16384");
+	free(out);
 	out = debugfs(img, "stat /highuid");
 	ASSERT_STR_CONTAINS(out, "User: 70000   Group: 70001");
 	free(out);
@@ -843,6 +853,33 @@ TEST(ext4_export_deterministic)
 	free(again);
 	ASSERT_TRUE(same);
 	ASSERT_TRUE(differs);
+}
+
+/* Epoch 0 is also "no time set" inside libext2fs 1.47.0. */
+TEST(ext4_export_epoch_zero)
+{
+	char *a = image_path("zero-a.ext4"), *b = image_path("zero-b.ext4"), *out;
+	const char *top[1] = { layer[2] };
+	ib_export_opts zero = { IMAGE_ID, 0 };
+	bool same;
+	int st;
+
+	ASSERT_INT_EQ(ib_ext4_write(a, top, 1, &zero, NULL), 0);
+	sleep(1);
+	ASSERT_INT_EQ(ib_ext4_write(b, top, 1, &zero, NULL), 0);
+	same = same_file(a, b);
+	out = run(&st, "e2fsck -fn %s 2>&1 && debugfs -R 'stat <8>' %s 2>&1 && "
+		       "TZ=UTC dumpe2fs -h %s 2>&1", a, a, a);
+	unlink(a);
+	unlink(b);
+	free(a);
+	free(b);
+	ASSERT_TRUE(same);
+	ASSERT_INT_EQ(st, 0);
+	ASSERT_STR_CONTAINS(out, " mtime: 0x00000000:00000000");
+	ASSERT_STR_CONTAINS(out, "Last write time:          Thu Jan  1 00:00:00 1970");
+	ASSERT_STR_CONTAINS(out, "Last checked:             Thu Jan  1 00:00:00 1970");
+	free(out);
 }
 
 TEST(ext4_export_rejects_bad_options)
