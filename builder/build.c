@@ -491,6 +491,7 @@ static int build_layer(struct run_ctx *rc, size_t index)
 				return r;
 			}
 			rc->held[index] = lockfd;
+			ib_cache_touch_layer(rc->cache, l->key);
 			set_layer(b, index, IB_LAYER_CACHED, -1);
 			emit(rc->prog, "[%zu/%zu] %s: cached (%.12s)\n", index + 1, b->nlayers, l->kind, l->key);
 			return 0;

@@ -435,7 +435,7 @@ static void set_clock(ext2_filsys fs, int64_t epoch)
 	 * bits wherever it uses it: keep the low 32 bits, never 0.
 	 */
 	_Static_assert(sizeof(time_t) >= 8, "time_t must have 64 bits");
-	fs->now = lo;
+	fs->now = lo ? (time_t)lo : (time_t)1 << 32;
 #endif
 	sb->s_mkfs_time = sb->s_lastcheck = sb->s_mtime = sb->s_wtime = lo;
 	sb->s_mkfs_time_hi = sb->s_lastcheck_hi = sb->s_mtime_hi = sb->s_wtime_hi = hi;

@@ -19,6 +19,7 @@
 #define OVL_XATTR_OPAQUE	"trusted.overlay.opaque"
 #define OVL_XATTR_REDIRECT	"trusted.overlay.redirect"
 #define OVL_XATTR_METACOPY	"trusted.overlay.metacopy"
+#define OVL_XATTR_WHITEOUT	"trusted.overlay.whiteout"
 
 /* The kernel's XATTR_LIST_MAX and XATTR_SIZE_MAX. */
 #define XATTR_LIST_BUF		65536
@@ -118,10 +119,10 @@ static int read_xattrs(struct walk *w, struct xattr_list *out, bool *opaque, int
 	for (char *p = w->listbuf; p < w->listbuf + len; p += strlen(p) + 1) {
 		bool ovl = !strncmp(p, OVL_XATTR_PREFIX, strlen(OVL_XATTR_PREFIX));
 
-		if (ovl && strcmp(p, OVL_XATTR_OPAQUE) &&
-		    (!strcmp(p, OVL_XATTR_REDIRECT) || !strcmp(p, OVL_XATTR_METACOPY)))
-			return ib_error_set("'%s' in layer '%s' carries '%s': overlayfs "
-					    "redirect_dir and metacopy are not supported",
+		if (ovl && (!strcmp(p, OVL_XATTR_REDIRECT) || !strcmp(p, OVL_XATTR_METACOPY) ||
+			    !strcmp(p, OVL_XATTR_WHITEOUT)))
+			return ib_error_set("'%s' in layer '%s' carries '%s': overlayfs redirect_dir, "
+					    "metacopy and xattr whiteouts are not supported",
 					    shown_path(e->path), layer_name(w, e->layer), p);
 		if (ovl && strcmp(p, OVL_XATTR_OPAQUE))
 			continue;
@@ -392,9 +393,9 @@ static int visit_other(struct walk *w, ib_layerfs_entry *e)
 	int fd = -1, err = 0;
 
 	if (S_ISREG(e->st.st_mode)) {
-		fd = openat(e->dirfd, e->name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
+		fd = openat(e->dirfd, e->name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_NOATIME);
 		if (fd < 0 && errno == EPERM)
-			fd = openat(e->dirfd, e->name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+			fd = openat(e->dirfd, e->name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
 		e->fd = fd;
 	} else {
 		fd = openat(e->dirfd, e->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);

@@ -18,9 +18,12 @@
  *    higher layer winning name by name.
  *
  * Metadata (stat, xattrs) of a merged directory is its topmost layer's.
- * trusted.overlay.* xattrs are never reported; a layer that relies on
- * redirect_dir or metacopy (trusted.overlay.redirect/.metacopy) is refused,
- * since its upper directory alone does not hold the merged content.
+ * trusted.overlay.* xattrs are never reported.  A layer that relies on
+ * redirect_dir, metacopy or xattr whiteouts (trusted.overlay.redirect,
+ * .metacopy, .whiteout) is refused: the kernel does not make those with
+ * the builder's mount options, and their meaning lies outside the layer.
+ * Reading trusted.* needs CAP_SYS_ADMIN: without it opaque directories
+ * would go unseen, so the walk is for root.
  *
  * Entries come in pre-order, siblings sorted by strcmp() of their names, so
  * two walks of the same layers see the same sequence.  Every access is

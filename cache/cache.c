@@ -1,4 +1,4 @@
-#include "cache.h"
+#include "cache-internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -15,11 +15,6 @@
 
 #include "builder/util.h"
 
-struct ib_cache {
-	char *dir;
-	sqlite3 *db;
-	pthread_mutex_t lock; /* one connection, shared by the server's threads */
-};
 
 /*
  * The schema, as migrations: entry i brings user_version i to i + 1.  Add
@@ -80,12 +75,12 @@ static const char *const migrations[] = {
 	"CREATE INDEX builds_status ON builds(status);",
 };
 
-static int db_error(sqlite3 *db, const char *what)
+int ib_cache__db_error(sqlite3 *db, const char *what)
 {
 	return ib_error_set("%s: %s", what, sqlite3_errmsg(db));
 }
 
-static int exec_sql(sqlite3 *db, const char *sql)
+int ib_cache__exec(sqlite3 *db, const char *sql)
 {
 	char *msg = NULL;
 
@@ -103,11 +98,11 @@ static int migrate(sqlite3 *db)
 	int version, err = 0;
 	size_t n = sizeof(migrations) / sizeof(migrations[0]);
 
-	if (exec_sql(db, "BEGIN IMMEDIATE") < 0)
+	if (ib_cache__exec(db, "BEGIN IMMEDIATE") < 0)
 		return IB_ERROR;
 	if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK ||
 	    sqlite3_step(st) != SQLITE_ROW) {
-		err = db_error(db, "cannot read the cache index version");
+		err = ib_cache__db_error(db, "cannot read the cache index version");
 		goto out;
 	}
 	version = sqlite3_column_int(st, 0);
@@ -117,15 +112,15 @@ static int migrate(sqlite3 *db)
 	}
 	for (size_t i = (size_t)version; i < n; i++) {
 		char pragma[64];
-		if ((err = exec_sql(db, migrations[i])) < 0)
+		if ((err = ib_cache__exec(db, migrations[i])) < 0)
 			goto out;
 		snprintf(pragma, sizeof(pragma), "PRAGMA user_version = %zu", i + 1);
-		if ((err = exec_sql(db, pragma)) < 0)
+		if ((err = ib_cache__exec(db, pragma)) < 0)
 			goto out;
 	}
 out:
 	sqlite3_finalize(st);
-	if (exec_sql(db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
+	if (ib_cache__exec(db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
 		err = IB_ERROR;
 	return err;
 }
@@ -159,7 +154,7 @@ int ib_cache_open(ib_cache **out, const char *dir)
 		goto out;
 	}
 	sqlite3_busy_timeout(c->db, 60000);
-	if ((err = exec_sql(c->db, "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL")) < 0)
+	if ((err = ib_cache__exec(c->db, "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL")) < 0)
 		goto out;
 	if ((err = migrate(c->db)) < 0)
 		goto out;
@@ -370,7 +365,7 @@ int ib_cache_layer_get(ib_cache *c, const char *key, ib_layer_info *info)
 	pthread_mutex_lock(&c->lock);
 	if (sqlite3_prepare_v2(c->db, "SELECT key, parent, digest, kind, bytes, files, seconds"
 				      " FROM layers WHERE key = ?", -1, &st, NULL) != SQLITE_OK) {
-		ret = db_error(c->db, "cannot read the cache index");
+		ret = ib_cache__db_error(c->db, "cannot read the cache index");
 		goto out;
 	}
 	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
@@ -378,7 +373,7 @@ int ib_cache_layer_get(ib_cache *c, const char *key, ib_layer_info *info)
 	if (rc == SQLITE_DONE)
 		goto out;
 	if (rc != SQLITE_ROW) {
-		ret = db_error(c->db, "cannot read the cache index");
+		ret = ib_cache__db_error(c->db, "cannot read the cache index");
 		goto out;
 	}
 	path = ib_cache_layer_path(c, key);
@@ -401,25 +396,25 @@ out:
 	return ret;
 }
 
-static int delete_layer_row(ib_cache *c, const char *key)
+int ib_cache__delete_layer_row(ib_cache *c, const char *key)
 {
 	sqlite3_stmt *st = NULL;
 	int err = 0;
 
 	if (sqlite3_prepare_v2(c->db, "DELETE FROM layers WHERE key = ?", -1, &st, NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
 	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) != SQLITE_DONE)
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 out:
 	sqlite3_finalize(st);
 	return err;
 }
 
 /* Move path out of the way into tmp/ and remove it there. */
-static int discard_dir(ib_cache *c, const char *path)
+int ib_cache__discard_dir(ib_cache *c, const char *path)
 {
 	char *trash = NULL;
 	int fd = -1, err;
@@ -464,9 +459,9 @@ int ib_cache_layer_commit(ib_cache *c, const char *key, const char *parent, cons
 
 	pthread_mutex_lock(&c->lock);
 	if (path_is_dir(path)) {
-		if ((err = delete_layer_row(c, key)) < 0)
+		if ((err = ib_cache__delete_layer_row(c, key)) < 0)
 			goto out;
-		if ((err = discard_dir(c, path)) < 0)
+		if ((err = ib_cache__discard_dir(c, path)) < 0)
 			goto out;
 	}
 	if (rename(tmpdir, path) < 0) {
@@ -480,7 +475,7 @@ int ib_cache_layer_commit(ib_cache *c, const char *key, const char *parent, cons
 	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO layers (key, parent, kind, step, digest, bytes,"
 				      " files, seconds, created, last_used) VALUES (?,?,?,?,?,?,?,?,?,?)",
 			       -1, &st, NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
 	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
@@ -494,7 +489,7 @@ int ib_cache_layer_commit(ib_cache *c, const char *key, const char *parent, cons
 	sqlite3_bind_int64(st, 9, now);
 	sqlite3_bind_int64(st, 10, now);
 	if (sqlite3_step(st) != SQLITE_DONE)
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 out:
 	sqlite3_finalize(st);
 	if (err && renamed && rename(path, tmpdir) < 0)
@@ -521,9 +516,9 @@ int ib_cache_layer_remove(ib_cache *c, const char *key)
 	int err;
 
 	pthread_mutex_lock(&c->lock);
-	err = delete_layer_row(c, key);
+	err = ib_cache__delete_layer_row(c, key);
 	if (!err)
-		err = discard_dir(c, path);
+		err = ib_cache__discard_dir(c, path);
 	pthread_mutex_unlock(&c->lock);
 	free(path);
 	return err;
@@ -548,7 +543,7 @@ static int load_image_layers(ib_cache *c, ib_image_info *info)
 
 	if (sqlite3_prepare_v2(c->db, "SELECT key FROM image_layers WHERE image_id = ? ORDER BY idx",
 			       -1, &st, NULL) != SQLITE_OK)
-		return db_error(c->db, "cannot read the cache index");
+		return ib_cache__db_error(c->db, "cannot read the cache index");
 	sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
 		info->layers = ib_xrealloc(info->layers, (info->nlayers + 2) * sizeof(char *));
@@ -556,7 +551,7 @@ static int load_image_layers(ib_cache *c, ib_image_info *info)
 		info->layers[info->nlayers] = NULL;
 	}
 	if (rc != SQLITE_DONE)
-		err = db_error(c->db, "cannot read the cache index");
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
 	sqlite3_finalize(st);
 	return err;
 }
@@ -585,7 +580,7 @@ int ib_cache_image_get(ib_cache *c, const char *id, ib_image_info *info)
 	pthread_mutex_lock(&c->lock);
 	if (sqlite3_prepare_v2(c->db, "SELECT " IMAGE_COLS " FROM images WHERE id = ?", -1, &st, NULL) !=
 	    SQLITE_OK) {
-		ret = db_error(c->db, "cannot read the cache index");
+		ret = ib_cache__db_error(c->db, "cannot read the cache index");
 		goto out;
 	}
 	sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
@@ -593,7 +588,7 @@ int ib_cache_image_get(ib_cache *c, const char *id, ib_image_info *info)
 	if (rc == SQLITE_DONE)
 		goto out;
 	if (rc != SQLITE_ROW) {
-		ret = db_error(c->db, "cannot read the cache index");
+		ret = ib_cache__db_error(c->db, "cannot read the cache index");
 		goto out;
 	}
 	path = ib_cache_image_path(c, id);
@@ -641,13 +636,13 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 	}
 	if ((err = ib_fsync_dir(images)) < 0)
 		goto out;
-	if ((err = exec_sql(c->db, "BEGIN IMMEDIATE")) < 0)
+	if ((err = ib_cache__exec(c->db, "BEGIN IMMEDIATE")) < 0)
 		goto out;
 	in_tx = 1;
 	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO images (id, top_key, arch, ext4_sha256,"
 				      " ext4_bytes, meta, created, last_used) VALUES (?,?,?,?,?,?,?,?)",
 			       -1, &st, NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
 	sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
@@ -659,25 +654,25 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 	sqlite3_bind_int64(st, 7, now);
 	sqlite3_bind_int64(st, 8, now);
 	if (sqlite3_step(st) != SQLITE_DONE) {
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
 	sqlite3_finalize(st);
 	st = NULL;
 	if (sqlite3_prepare_v2(c->db, "DELETE FROM image_layers WHERE image_id = ?", -1, &st, NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
 	sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) != SQLITE_DONE) {
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
 	sqlite3_finalize(st);
 	st = NULL;
 	if (sqlite3_prepare_v2(c->db, "INSERT INTO image_layers (image_id, idx, key) VALUES (?,?,?)", -1, &st,
 			       NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot update the cache index");
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
 	for (size_t i = 0; i < info->nlayers; i++) {
@@ -686,13 +681,13 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 		sqlite3_bind_int64(st, 2, (sqlite3_int64)i);
 		sqlite3_bind_text(st, 3, info->layers[i], -1, SQLITE_STATIC);
 		if (sqlite3_step(st) != SQLITE_DONE) {
-			err = db_error(c->db, "cannot update the cache index");
+			err = ib_cache__db_error(c->db, "cannot update the cache index");
 			goto out;
 		}
 	}
 out:
 	sqlite3_finalize(st);
-	if (in_tx && exec_sql(c->db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
+	if (in_tx && ib_cache__exec(c->db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
 		err = IB_ERROR;
 	if (err)
 		unlink(path);
@@ -717,6 +712,129 @@ void ib_cache_touch_image(ib_cache *c, const char *id)
 	pthread_mutex_unlock(&c->lock);
 }
 
+int ib_cache_image_add_source(ib_cache *c, const char *id, const char *source, const char *commit, const char *path)
+{
+	sqlite3_stmt *st = NULL;
+	int err = 0;
+
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO image_sources (image_id, source, commit_id, path, warmed)"
+				      " VALUES (?,?,?,?,?)", -1, &st, NULL) != SQLITE_OK) {
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 2, source, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 3, commit, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 4, path, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st, 5, (sqlite3_int64)time(NULL));
+	if (sqlite3_step(st) != SQLITE_DONE)
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
+out:
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+	return err;
+}
+
+/* Run a query with one text parameter and hand each row's text columns to a callback. */
+static int foreach_row(ib_cache *c, const char *sql, const char *param, int ncols,
+		       int (*row)(const char *const *cols, sqlite3_int64 last, void *arg), void *arg)
+{
+	sqlite3_stmt *st = NULL;
+	char ***rows = NULL;
+	sqlite3_int64 *lasts = NULL;
+	size_t n = 0;
+	int rc, err = 0;
+
+	/* collect first: the callback may use the cache */
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK) {
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
+		pthread_mutex_unlock(&c->lock);
+		return err;
+	}
+	sqlite3_bind_text(st, 1, param, -1, SQLITE_STATIC);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		rows = ib_xrealloc(rows, (n + 1) * sizeof(*rows));
+		lasts = ib_xrealloc(lasts, (n + 1) * sizeof(*lasts));
+		rows[n] = ib_xcalloc((size_t)ncols, sizeof(char *));
+		for (int i = 0; i < ncols; i++) {
+			const unsigned char *t = sqlite3_column_text(st, i);
+			rows[n][i] = ib_xstrdup(t ? (const char *)t : "");
+		}
+		lasts[n++] = sqlite3_column_int64(st, ncols);
+	}
+	if (rc != SQLITE_DONE)
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+	for (size_t i = 0; i < n; i++) {
+		if (!err)
+			err = row((const char *const *)rows[i], lasts[i], arg);
+		for (int k = 0; k < ncols; k++)
+			free(rows[i][k]);
+		free(rows[i]);
+	}
+	free(rows);
+	free(lasts);
+	return err;
+}
+
+struct source_arg {
+	ib_cache_source_cb cb;
+	void *arg;
+};
+
+static int source_row(const char *const *cols, sqlite3_int64 last, void *arg)
+{
+	struct source_arg *a = arg;
+
+	return a->cb(cols[0], cols[1], cols[2], (int64_t)last, a->arg);
+}
+
+int ib_cache_image_sources(ib_cache *c, const char *id, ib_cache_source_cb cb, void *arg)
+{
+	struct source_arg a = { cb, arg };
+
+	return foreach_row(c, "SELECT source, commit_id, path, warmed FROM image_sources WHERE image_id = ?"
+			      " ORDER BY warmed, source, path", id, 3, source_row, &a);
+}
+
+struct child_arg {
+	ib_cache_child_cb cb;
+	void *arg;
+};
+
+static int child_row(const char *const *cols, sqlite3_int64 last, void *arg)
+{
+	struct child_arg *a = arg;
+
+	(void)last;
+	return a->cb(cols[0], cols[1], cols[2], a->arg);
+}
+
+int ib_cache_layer_children(ib_cache *c, const char *parent, ib_cache_child_cb cb, void *arg)
+{
+	struct child_arg a = { cb, arg };
+
+	return foreach_row(c, "SELECT key, kind, step, last_used FROM layers WHERE parent = ? ORDER BY last_used DESC",
+			   parent, 3, child_row, &a);
+}
+
+void ib_cache_touch_layer(ib_cache *c, const char *key)
+{
+	sqlite3_stmt *st = NULL;
+
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "UPDATE layers SET last_used = ? WHERE key = ?", -1, &st, NULL) == SQLITE_OK) {
+		sqlite3_bind_int64(st, 1, (sqlite3_int64)time(NULL));
+		sqlite3_bind_text(st, 2, key, -1, SQLITE_STATIC);
+		sqlite3_step(st);
+	}
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+}
+
 int ib_cache_images_foreach(ib_cache *c, ib_cache_image_cb cb, void *arg)
 {
 	sqlite3_stmt *st = NULL;
@@ -728,7 +846,7 @@ int ib_cache_images_foreach(ib_cache *c, ib_cache_image_cb cb, void *arg)
 	pthread_mutex_lock(&c->lock);
 	if (sqlite3_prepare_v2(c->db, "SELECT " IMAGE_COLS " FROM images ORDER BY created DESC, id", -1, &st,
 			       NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot read the cache index");
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
 		pthread_mutex_unlock(&c->lock);
 		return err;
 	}
@@ -739,7 +857,7 @@ int ib_cache_images_foreach(ib_cache *c, ib_cache_image_cb cb, void *arg)
 			break;
 	}
 	if (!err && rc != SQLITE_DONE)
-		err = db_error(c->db, "cannot read the cache index");
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
 	sqlite3_finalize(st);
 	pthread_mutex_unlock(&c->lock);
 	for (size_t i = 0; i < n && !err; i++)
@@ -786,7 +904,7 @@ int ib_cache_verify(ib_cache *c, ib_cache_report_cb report, void *arg, unsigned 
 
 	pthread_mutex_lock(&c->lock);
 	if (sqlite3_prepare_v2(c->db, "SELECT key, digest FROM layers ORDER BY key", -1, &st, NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot read the cache index");
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
 		pthread_mutex_unlock(&c->lock);
 		goto out;
 	}
@@ -799,7 +917,7 @@ int ib_cache_verify(ib_cache *c, ib_cache_report_cb report, void *arg, unsigned 
 	sqlite3_finalize(st);
 	st = NULL;
 	if (sqlite3_prepare_v2(c->db, "SELECT id, ext4_sha256 FROM images ORDER BY id", -1, &st, NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot read the cache index");
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
 		pthread_mutex_unlock(&c->lock);
 		goto out;
 	}
@@ -814,7 +932,7 @@ int ib_cache_verify(ib_cache *c, ib_cache_report_cb report, void *arg, unsigned 
 	/* Images whose layer list names a layer that has no row. */
 	if (sqlite3_prepare_v2(c->db, "SELECT image_id, key FROM image_layers WHERE key NOT IN"
 				      " (SELECT key FROM layers)", -1, &st, NULL) != SQLITE_OK) {
-		err = db_error(c->db, "cannot read the cache index");
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
 		pthread_mutex_unlock(&c->lock);
 		goto out;
 	}

@@ -120,6 +120,49 @@ int ib_cache_image_commit(ib_cache *cache, const ib_image_info *info, const char
 
 /* Mark an image or layer used now (gc's LRU clock). */
 void ib_cache_touch_image(ib_cache *cache, const char *id);
+void ib_cache_touch_layer(ib_cache *cache, const char *key);
+
+/*
+ * Eviction.  Images unused for more than keep_days days go first (when
+ * keep_days >= 0); then, while the cache (layers and images, as allocated
+ * on disk) is over max_bytes (when has_max): layers no image needs, least
+ * recently used first, then least recently used images, each with the
+ * layers only it needed.  A layer in use (a build or export holds its
+ * lock) is never removed.  Rows go before files, so a crash at any point
+ * leaves an index that points only at intact data.
+ */
+typedef struct ib_gc_opts {
+	bool has_max;
+	uint64_t max_bytes;
+	int64_t keep_days; /* < 0: no age limit */
+	bool dry_run;
+} ib_gc_opts;
+
+typedef struct ib_gc_result {
+	uint64_t bytes_before;
+	uint64_t bytes_after;
+	uint64_t freed;
+	unsigned images;
+	unsigned layers;
+	unsigned in_use; /* layers left alone because they were in use */
+} ib_gc_result;
+
+/* report: "image" or "layer", its id, bytes freed, last use (unix time). */
+typedef void (*ib_gc_report_cb)(const char *what, const char *id, uint64_t bytes, int64_t last_used, void *arg);
+
+int ib_cache_gc(ib_cache *cache, const ib_gc_opts *opts, ib_gc_report_cb report, void *arg, ib_gc_result *out);
+
+/* Record where an image was warmed from (a git URL, a commit, a path in it). */
+int ib_cache_image_add_source(ib_cache *cache, const char *id, const char *source, const char *commit,
+			      const char *path);
+
+typedef int (*ib_cache_source_cb)(const char *source, const char *commit, const char *path, int64_t warmed,
+				  void *arg);
+int ib_cache_image_sources(ib_cache *cache, const char *id, ib_cache_source_cb cb, void *arg);
+
+/* The committed layers whose parent is key: their kind and canonical step. */
+typedef int (*ib_cache_child_cb)(const char *key, const char *kind, const char *step, void *arg);
+int ib_cache_layer_children(ib_cache *cache, const char *parent, ib_cache_child_cb cb, void *arg);
 
 /* Iterate images newest first. */
 typedef int (*ib_cache_image_cb)(const ib_image_info *info, void *arg);

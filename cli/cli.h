@@ -14,6 +14,8 @@ int cmd_export(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_ls(int argc, char **argv);
 int cmd_cache(int argc, char **argv);
+int cmd_gc(int argc, char **argv);
+int cmd_warm(int argc, char **argv);
 
 /* Report an error once, git-style: "imagebuilder: <msg>". */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

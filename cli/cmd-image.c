@@ -71,7 +71,14 @@ out:
 	return ret;
 }
 
-static json_t *image_doc(const ib_image_info *img)
+static int source_cb(const char *source, const char *commit, const char *path, int64_t warmed, void *arg)
+{
+	json_array_append_new(arg, json_pack("{s:s, s:s, s:s, s:I}", "source", source, "commit", commit, "path",
+					     path, "warmed", (json_int_t)warmed));
+	return 0;
+}
+
+static json_t *image_doc(ib_cache *cache, const ib_image_info *img)
 {
 	json_t *doc = json_loads(img->meta, 0, NULL);
 	char created[32];
@@ -85,6 +92,9 @@ static json_t *image_doc(const ib_image_info *img)
 	json_object_set_new(doc, "ext4_sha256", json_string(img->ext4_sha256));
 	json_object_set_new(doc, "ext4_bytes", json_integer((json_int_t)img->ext4_bytes));
 	json_object_set_new(doc, "created", json_string(created));
+	json_t *sources = json_array();
+	ib_cache_image_sources(cache, img->id, source_cb, sources);
+	json_object_set_new(doc, "warmed_from", sources);
 	return doc;
 }
 
@@ -120,7 +130,7 @@ int cmd_inspect(int argc, char **argv)
 		cli_error("image '%s' is not in the cache", id);
 		goto out;
 	}
-	doc = image_doc(&img);
+	doc = image_doc(cache, &img);
 	s = json_dumps(doc, JSON_INDENT(2) | JSON_SORT_KEYS);
 	puts(s);
 	free(s);

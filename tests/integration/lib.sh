@@ -67,9 +67,14 @@ fsck_clean() {
 	e2fsck -fn "$1" >"$T/fsck.log" 2>&1 || fail "e2fsck -fn $1: $(cat "$T/fsck.log")"
 }
 
-# cache_clean DIR: nothing left in tmp/ but our own stale locks, and verify passes
+# cache_sound DIR: verify passes, and tmp/ holds no scratch of a dead build
+# (a live build's scratch is locked by it)
 cache_sound() {
 	"$IB" cache verify --cache-dir "$1" >"$T/verify.log" 2>&1 || fail "cache verify: $(cat "$T/verify.log")"
-	left=$(ls "$1/tmp" | grep -v '\.lock$' || true)
-	[ -z "$left" ] || fail "scratch left in $1/tmp: $left"
+	for d in "$1"/tmp/*; do
+		case "$d" in *.lock|*/\*) continue ;; esac
+		if [ ! -e "$d.lock" ] || flock -n "$d.lock" true; then
+			fail "scratch of a dead build left in $1/tmp: $d"
+		fi
+	done
 }
