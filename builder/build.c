@@ -262,8 +262,52 @@ static char *tail_of(const ib_buf *t)
 	return ib_xstrndup(t->ptr ? t->ptr + off : "", t->len - off);
 }
 
+/*
+ * Directories whose files a step may leave (apt run by hand in run_commands,
+ * pip without --no-cache-dir) but no image needs: their regular files are
+ * dropped from the layer (whiteouts and the directories themselves stay).
+ */
+static const char *const junk_dirs[] = {
+	"var/lib/apt/lists",
+	"var/lib/apt/lists/partial",
+	"var/cache/apt/archives",
+	"var/cache/apt/archives/partial",
+	"root/.cache/pip",
+};
+
+static void remove_junk_dir(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *de;
+
+	if (!d)
+		return;
+	while ((de = readdir(d))) {
+		struct stat st;
+		if (de->d_name[0] == '.' && (!de->d_name[1] || (de->d_name[1] == '.' && !de->d_name[2])))
+			continue;
+		if (!strcmp(de->d_name, "lock"))
+			continue;
+		if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+			continue;
+		if (S_ISREG(st.st_mode)) {
+			unlinkat(dirfd(d), de->d_name, 0);
+		} else if (S_ISDIR(st.st_mode) && strlen(dir) > 10 && !strcmp(dir + strlen(dir) - 10, ".cache/pip")) {
+			char *sub = ib_xasprintf("%s/%s", dir, de->d_name);
+			ib_rm_rf(sub);
+			free(sub);
+		}
+	}
+	closedir(d);
+}
+
 static void remove_junk(const char *upper)
 {
+	for (size_t i = 0; i < sizeof(junk_dirs) / sizeof(junk_dirs[0]); i++) {
+		char *path = ib_xasprintf("%s/%s", upper, junk_dirs[i]);
+		remove_junk_dir(path);
+		free(path);
+	}
 	for (size_t i = 0; i < sizeof(junk_files) / sizeof(junk_files[0]); i++) {
 		char *path = ib_xasprintf("%s/%s", upper, junk_files[i]);
 		struct stat st;
@@ -480,7 +524,10 @@ static int build_layer(struct run_ctx *rc, size_t index)
 	double t0;
 
 	bool waited = false;
-	if (!rc->opts->force) {
+	/* --force rebuilds the steps; the base is pinned by its definition (gc refreshes it). */
+	bool force = rc->opts->force && index > 0;
+
+	if (!force) {
 		/* In use from here on (shared lock): gc leaves it alone. */
 		if ((err = ib_cache_lock_layer(rc->cache, l->key, IB_LOCK_SHARED, rc->opts->cancel, rc->deadline,
 					       &lockfd, NULL)) < 0)
@@ -502,7 +549,7 @@ static int build_layer(struct run_ctx *rc, size_t index)
 	/* Single flight per layer: whoever holds the exclusive lock builds it. */
 	if ((err = ib_cache_lock_layer(rc->cache, l->key, 0, rc->opts->cancel, rc->deadline, &lockfd, &waited)) < 0)
 		goto fail_early;
-	if (!rc->opts->force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
+	if (!force && (r = ib_cache_layer_get(rc->cache, l->key, NULL)) != 0) {
 		if (r < 0 || (r = ib_cache_share_lock(lockfd)) < 0) {
 			ib_cache_unlock(lockfd);
 			return r;
@@ -652,18 +699,22 @@ static char *find_init(const char *machine)
 }
 
 /*
- * An image without an init of its own gets imagebuilder's at /sbin/init
- * (through /sbin -> usr/sbin on merged-/usr systems).  One with an init (say
- * systemd-sysv's) keeps it.
+ * Where an image gets its init.  An image without one of its own gets
+ * imagebuilder's at /sbin/init (through /sbin -> usr/sbin on merged-/usr
+ * systems); one with an init (say systemd-sysv's) keeps it.  *out_rel is
+ * NULL for the latter; else the path to write and the init to copy, with
+ * its digest (recorded in image.json as "init": "imagebuilder:<sha256>", so
+ * a cached image made with another init is exported again).
  */
-static int install_init(const char *dir, char *const *layers, size_t n, const char *machine)
+static int plan_init(char **out_rel, char **out_src, char sha[IB_SHA256_HEX], char *const *layers, size_t n,
+		     const char *machine)
 {
 	struct stat st;
-	char target[64] = "", *src = NULL, *data = NULL, *dst = NULL, *parent = NULL;
+	char target[64] = "";
 	const char *rel = "sbin/init";
-	size_t len = 0;
-	int err = 0;
+	int err;
 
+	*out_rel = *out_src = NULL;
 	if (stack_lstat(layers, n, "sbin", &st) && S_ISLNK(st.st_mode)) {
 		for (size_t i = n; i-- > 0;) {
 			char *p = ib_xasprintf("%s/sbin", layers[i]);
@@ -680,10 +731,25 @@ static int install_init(const char *dir, char *const *layers, size_t n, const ch
 	}
 	if (stack_lstat(layers, n, rel, &st))
 		return 0;
-	src = find_init(machine);
-	if (!src)
+	*out_src = find_init(machine);
+	if (!*out_src)
 		return ib_error_set("no init for %s beside the program or in /usr/lib/imagebuilder (make builds "
 				    "build/ib-init-%s)", machine, machine);
+	if ((err = ib_sha256_file(sha, *out_src)) < 0) {
+		free(*out_src);
+		*out_src = NULL;
+		return err;
+	}
+	*out_rel = ib_xstrdup(rel);
+	return 0;
+}
+
+static int install_init(const char *dir, const char *rel, const char *src)
+{
+	char *data = NULL, *dst = NULL, *parent = NULL;
+	size_t len = 0;
+	int err;
+
 	if ((err = ib_read_file(&data, &len, src, 16 << 20)) < 0)
 		goto out;
 	dst = ib_xasprintf("%s/%s", dir, rel);
@@ -695,20 +761,33 @@ static int install_init(const char *dir, char *const *layers, size_t n, const ch
 	if (chmod(dst, 0755) < 0)
 		err = ib_error_set_errno(errno, "cannot chmod '%s'", dst);
 out:
-	free(src);
 	free(data);
 	free(dst);
 	free(parent);
 	return err;
 }
 
+/* The digest of the init this program would install for machine, or "" when none. */
+static void current_init(char sha[IB_SHA256_HEX], const char *machine)
+{
+	char *src = find_init(machine);
+
+	sha[0] = '\0';
+	if (src && ib_sha256_file(sha, src) < 0)
+		sha[0] = '\0';
+	free(src);
+}
+
 /* The metadata layer: /etc/imagebuilder/image.json and the env in /etc/environment. */
-static int make_meta_layer(const char *dir, const char *meta, char *const *layers, size_t n, int64_t epoch)
+static int make_meta_layer(const char *dir, const char *meta, char *const *layers, size_t n, int64_t epoch,
+			   char **out_meta)
 {
 	json_t *doc = json_loads(meta, 0, NULL), *env = json_object_get(doc, "env"), *v;
 	const char *machine = json_string_value(json_object_get(doc, "machine"));
+	const char *recorded = json_string_value(json_object_get(doc, "init"));
 	ib_buf envfile = IB_BUF_INIT;
-	char *path = NULL, *old = NULL;
+	char *path = NULL, *old = NULL, *init_rel = NULL, *init_src = NULL, *final = NULL;
+	char init_sha[IB_SHA256_HEX] = "", *init_field = NULL;
 	const char *k;
 	int err = 0;
 
@@ -717,12 +796,25 @@ static int make_meta_layer(const char *dir, const char *meta, char *const *layer
 		const char *arch = json_string_value(json_object_get(doc, "arch"));
 		machine = arch && !strcmp(arch, "arm64") ? "aarch64" : "x86_64";
 	}
+	if ((err = plan_init(&init_rel, &init_src, init_sha, layers, n, machine)) < 0)
+		goto out;
+	init_field = init_rel ? ib_xasprintf("imagebuilder:%s", init_sha) : ib_xstrdup("image");
+	if (recorded && strcmp(recorded, init_field)) {
+		err = ib_error_set("the image was exported with init '%s', and this imagebuilder has '%s': build it "
+				   "again to export it afresh", recorded, init_field);
+		goto out;
+	}
+	json_object_set_new(doc, "init", json_string(init_field));
+	final = json_dumps(doc, JSON_INDENT(2) | JSON_SORT_KEYS);
+	if (!final)
+		abort();
+
 	path = ib_xasprintf("%s/etc/imagebuilder", dir);
 	if ((err = ib_mkdir_p(path, 0755)) < 0)
 		goto out;
 	free(path);
 	path = ib_xasprintf("%s/etc/imagebuilder/image.json", dir);
-	if ((err = ib_write_file_atomic(path, meta, strlen(meta), 0644)) < 0)
+	if ((err = ib_write_file_atomic(path, final, strlen(final), 0644)) < 0)
 		goto out;
 	if (json_object_size(env)) {
 		old = stack_environment(layers, n);
@@ -744,18 +836,27 @@ static int make_meta_layer(const char *dir, const char *meta, char *const *layer
 		if ((err = ib_write_file_atomic(path, envfile.ptr, envfile.len, 0644)) < 0)
 			goto out;
 	}
-	if ((err = install_init(dir, layers, n, machine)) < 0)
+	if (init_rel && (err = install_init(dir, init_rel, init_src)) < 0)
 		goto out;
-	err = ib_tree_normalise(dir, epoch);
+	if ((err = ib_tree_normalise(dir, epoch)) < 0)
+		goto out;
+	if (out_meta) {
+		*out_meta = final;
+		final = NULL;
+	}
 out:
 	json_decref(doc);
 	ib_buf_free(&envfile);
 	free(path);
 	free(old);
+	free(init_rel);
+	free(init_src);
+	free(init_field);
+	free(final);
 	return err;
 }
 
-int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_path, bool tar)
+int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_path, bool tar, char **out_meta)
 {
 	char *scratch = NULL, *meta = NULL;
 	char **paths = NULL;
@@ -788,7 +889,7 @@ int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_p
 	if ((err = ib_cache_mktemp(cache, &scratch, &tmplock)) < 0)
 		goto out;
 	meta = ib_xasprintf("%s/meta", scratch);
-	if ((err = make_meta_layer(meta, img->meta, paths, img->nlayers, epoch)) < 0)
+	if ((err = make_meta_layer(meta, img->meta, paths, img->nlayers, epoch, out_meta)) < 0)
 		goto out;
 	layers[img->nlayers] = meta;
 	ib_export_opts eo = { .image_id = img->id, .epoch = epoch };
@@ -817,7 +918,7 @@ static int export_image(struct run_ctx *rc)
 {
 	ib_build *b = rc->b;
 	ib_image_info img = { 0 };
-	char *scratch = NULL, *ext4 = NULL;
+	char *scratch = NULL, *ext4 = NULL, *final_meta = NULL;
 	struct stat st;
 	int err, tmplock = -1;
 	double t0 = ib_now();
@@ -835,8 +936,12 @@ static int export_image(struct run_ctx *rc)
 	if ((err = ib_cache_mktemp(rc->cache, &scratch, &tmplock)) < 0)
 		goto out;
 	ext4 = ib_xasprintf("%s/image.ext4", scratch);
-	if ((err = ib_build_export(rc->cache, &img, ext4, false)) < 0)
+	if ((err = ib_build_export(rc->cache, &img, ext4, false, &final_meta)) < 0)
 		goto out;
+	/* the index keeps the metadata as the image holds it */
+	free(img.meta);
+	img.meta = final_meta;
+	final_meta = NULL;
 	if ((err = ib_sha256_file(img.ext4_sha256, ext4)) < 0)
 		goto out;
 	if (stat(ext4, &st) < 0) {
@@ -889,6 +994,22 @@ static int prepare(struct run_ctx *rc, char **scratch, int *tmplock)
 	return err;
 }
 
+/* Was a cached image exported with an init other than the one this program installs? */
+static bool init_is_stale(const ib_image_info *img, const char *machine)
+{
+	json_t *doc = json_loads(img->meta, 0, NULL);
+	const char *init = json_string_value(json_object_get(doc, "init"));
+	char sha[IB_SHA256_HEX];
+	bool stale = false;
+
+	if (init && !strncmp(init, "imagebuilder:", 13)) {
+		current_init(sha, machine);
+		stale = strcmp(init + 13, sha) != 0;
+	}
+	json_decref(doc);
+	return stale;
+}
+
 int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 {
 	struct progress prog = { .opts = opts, .tail = IB_BUF_INIT };
@@ -907,6 +1028,11 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 			err = r < 0 ? r : ib_error_set("image '%s' vanished from the cache", b->image_id);
 			goto out;
 		}
+		if (init_is_stale(&img, b->machine)) {
+			emit(&prog, "image %.12s was exported with another init: exporting it again\n", b->image_id);
+			ib_image_info_clear(&img);
+			goto build;
+		}
 		ib_build_lock(b);
 		b->cached = true;
 		ib_build_unlock(b);
@@ -922,6 +1048,7 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 		goto output;
 	}
 
+build:
 	/* Foreign architectures: check emulation before doing any work. */
 	if ((err = ib_binfmt_ensure(b->machine)) < 0)
 		goto out;

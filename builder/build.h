@@ -74,7 +74,7 @@ int ib_build_plan(ib_build **out, const ib_spec *spec);
 void ib_build_free(ib_build *b);
 
 typedef struct ib_build_opts {
-	bool force;              /* rebuild every layer even when cached */
+	bool force;              /* rebuild every step's layer (not the base) even when cached */
 	double timeout;          /* seconds for the whole build; 0: the default */
 	const char *output;      /* also write the ext4 image here, or NULL */
 	int log_fd;              /* build log (step output and progress), or -1 */
@@ -99,8 +99,10 @@ char *ib_build_image_json(const ib_build *b);
 
 /*
  * Export an image from its layers: ext4 (tar == false) or tar.  Adds the
- * metadata layer (/etc/imagebuilder/image.json, /etc/environment).
+ * metadata layer (/etc/imagebuilder/image.json, /etc/environment, and the
+ * init when the image has none).  *out_meta (may be NULL) receives the
+ * image.json the image holds (with the "init" it got).
  */
-int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_path, bool tar);
+int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_path, bool tar, char **out_meta);
 
 #endif

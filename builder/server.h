@@ -46,16 +46,25 @@ int ib_server_start(ib_server **out, ib_cache *cache, const ib_server_opts *opts
 unsigned ib_server_port(const ib_server *srv);
 
 /*
- * Stop accepting connections, fail queued builds as cancelled, then wait
- * for running builds to finish, or cancel them when cancel_running (or
- * opts.cancel_on_shutdown) is set.  Requests on open connections are still
- * answered meanwhile (new builds are refused with unavailable).  May be
- * called again, e.g. with cancel_running on a second signal; safe to call
- * from another thread while a first call waits.
+ * Shutting down, in steps so that a caller can react to signals meanwhile:
+ *
+ * ib_server_stop_accepting(): the listening socket is closed to new
+ * connections, queued builds end CANCELLED (they never started), and new
+ * builds are refused with unavailable; requests on open connections are
+ * still answered.  With opts.cancel_on_shutdown it also cancels the
+ * running builds.
+ *
+ * ib_server_cancel_running(): cancel every running build (CANCELLED, the
+ * message saying the server shut down).
+ *
+ * ib_server_wait_idle(): wait up to timeout seconds for no build to be
+ * running; true when none is.
  */
-void ib_server_shutdown(ib_server *srv, bool cancel_running);
+void ib_server_stop_accepting(ib_server *srv);
+void ib_server_cancel_running(ib_server *srv);
+bool ib_server_wait_idle(ib_server *srv, double timeout);
 
-/* Shut down (if not done) and free. */
+/* Stop (cancelling running builds if any are left), join every thread, free. */
 void ib_server_free(ib_server *srv);
 
 #endif

@@ -298,11 +298,13 @@ int ib_builds_last_ready(ib_builds *b, const char *image_id, char out[IB_BUILD_I
 	return ret;
 }
 
-int ib_builds_recover(ib_builds *b, const char *reason, ib_builds_cb cb, void *arg, unsigned *out_count)
+int ib_builds_recover(ib_builds *b, const char *reason, ib_builds_recover_cb cb, void *arg, unsigned *out_count)
 {
 	sqlite3_stmt *st = NULL;
-	unsigned n = 0;
+	ib_build_record *recs = NULL;
+	size_t n = 0;
 	int err = 0, rc, in_tx = 0;
+	int64_t now = (int64_t)time(NULL);
 
 	pthread_mutex_lock(&b->mu);
 	if (sqlite3_exec(b->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
@@ -318,13 +320,8 @@ int ib_builds_recover(ib_builds *b, const char *reason, ib_builds_cb cb, void *a
 		goto out;
 	}
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		ib_build_record rec;
-
-		record_from_row(&rec, st);
-		if (cb)
-			cb(&rec, arg);
-		ib_build_record_clear(&rec);
-		n++;
+		recs = ib_xrealloc(recs, (n + 1) * sizeof(*recs));
+		record_from_row(&recs[n++], st);
 	}
 	if (rc != SQLITE_DONE) {
 		err = db_error(b->db, "cannot recover build records");
@@ -333,22 +330,36 @@ int ib_builds_recover(ib_builds *b, const char *reason, ib_builds_cb cb, void *a
 	sqlite3_finalize(st);
 	st = NULL;
 	if (sqlite3_prepare_v2(b->db,
-			       "UPDATE builds SET status = 'FAILED', finished = ?, error = ?"
-			       " WHERE status IN ('QUEUED', 'BUILDING')",
+			       "UPDATE builds SET status = 'FAILED', finished = ?, error = ?, log_tail = ?"
+			       " WHERE id = ?",
 			       -1, &st, NULL) != SQLITE_OK) {
 		err = db_error(b->db, "cannot recover build records");
 		goto out;
 	}
-	sqlite3_bind_int64(st, 1, (sqlite3_int64)time(NULL));
-	sqlite3_bind_text(st, 2, reason, -1, SQLITE_STATIC);
-	if (sqlite3_step(st) != SQLITE_DONE)
-		err = db_error(b->db, "cannot recover build records");
+	for (size_t i = 0; i < n; i++) {
+		char *tail = cb ? cb(&recs[i], arg) : NULL;
+
+		sqlite3_reset(st);
+		sqlite3_bind_int64(st, 1, now);
+		sqlite3_bind_text(st, 2, reason, -1, SQLITE_STATIC);
+		bind_text_or_null(st, 3, tail);
+		sqlite3_bind_text(st, 4, recs[i].id, -1, SQLITE_STATIC);
+		rc = sqlite3_step(st);
+		free(tail);
+		if (rc != SQLITE_DONE) {
+			err = db_error(b->db, "cannot recover build records");
+			goto out;
+		}
+	}
 out:
 	sqlite3_finalize(st);
 	if (in_tx && sqlite3_exec(b->db, err ? "ROLLBACK" : "COMMIT", NULL, NULL, NULL) != SQLITE_OK && !err)
 		err = db_error(b->db, "cannot recover build records");
 	pthread_mutex_unlock(&b->mu);
+	for (size_t i = 0; i < n; i++)
+		ib_build_record_clear(&recs[i]);
+	free(recs);
 	if (!err && out_count)
-		*out_count = n;
+		*out_count = (unsigned)n;
 	return err;
 }

@@ -69,12 +69,14 @@ int ib_builds_last_ready(ib_builds *builds, const char *image_id, char out[IB_BU
 
 /*
  * After a crash: every record that is not final becomes FAILED with the
- * error message reason.  cb (may be NULL) sees each one before it changes;
+ * error message reason.  cb (may be NULL) sees each one first and may
+ * return its log tail (malloc'd, or NULL) to keep in the record.
  * *out_count (may be NULL) receives how many there were.  Only the daemon
  * that owns the cache dir may call it (see ib_server_start).
  */
-typedef void (*ib_builds_cb)(const ib_build_record *rec, void *arg);
-int ib_builds_recover(ib_builds *builds, const char *reason, ib_builds_cb cb, void *arg, unsigned *out_count);
+typedef char *(*ib_builds_recover_cb)(const ib_build_record *rec, void *arg);
+int ib_builds_recover(ib_builds *builds, const char *reason, ib_builds_recover_cb cb, void *arg,
+		      unsigned *out_count);
 
 /* Is s a final status? */
 bool ib_build_status_final(const char *s);

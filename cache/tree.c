@@ -85,6 +85,33 @@ static int list_xattrs(const char *path, char ***out, size_t *out_n)
 	return 0;
 }
 
+static int normalise_entry(ib_buf *path, int64_t epoch);
+
+/* Call fn on each child of the directory at path, in name order, with path extended. */
+static int for_each_child(ib_buf *path, int (*fn)(ib_buf *path, void *arg), void *arg)
+{
+	char **names = NULL;
+	size_t n = 0, len = path->len;
+	int err;
+
+	if ((err = list_dir(path->ptr, &names, &n)) < 0)
+		return err;
+	for (size_t i = 0; i < n && !err; i++) {
+		ib_buf_puts(path, "/");
+		ib_buf_puts(path, names[i]);
+		err = fn(path, arg);
+		path->len = len;
+		path->ptr[len] = '\0';
+	}
+	free_names(names, n);
+	return err;
+}
+
+static int normalise_child(ib_buf *path, void *arg)
+{
+	return normalise_entry(path, *(const int64_t *)arg);
+}
+
 static int normalise_entry(ib_buf *path, int64_t epoch)
 {
 	char **xs = NULL;
@@ -96,23 +123,8 @@ static int normalise_entry(ib_buf *path, int64_t epoch)
 	if (lstat(path->ptr, &st) < 0)
 		return ib_error_set_errno(errno, "cannot stat '%s'", path->ptr);
 
-	if (S_ISDIR(st.st_mode)) {
-		char **names = NULL;
-		size_t n = 0, len = path->len;
-
-		if ((err = list_dir(path->ptr, &names, &n)) < 0)
-			return err;
-		for (size_t i = 0; i < n && !err; i++) {
-			ib_buf_puts(path, "/");
-			ib_buf_puts(path, names[i]);
-			err = normalise_entry(path, epoch);
-			path->len = len;
-			path->ptr[len] = '\0';
-		}
-		free_names(names, n);
-		if (err)
-			return err;
-	}
+	if (S_ISDIR(st.st_mode) && (err = for_each_child(path, normalise_child, &epoch)) < 0)
+		return err;
 
 	if ((err = list_xattrs(path->ptr, &xs, &nx)) < 0)
 		return err;
@@ -190,6 +202,13 @@ static int hash_content(struct digest_state *ds, const char *path)
 	return 0;
 }
 
+static int digest_entry(struct digest_state *ds, ib_buf *path);
+
+static int digest_child(ib_buf *path, void *arg)
+{
+	return digest_entry(arg, path);
+}
+
 static int digest_entry(struct digest_state *ds, ib_buf *path)
 {
 	char **xs = NULL;
@@ -245,22 +264,11 @@ static int digest_entry(struct digest_state *ds, ib_buf *path)
 		return 0;
 	}
 	if (S_ISDIR(st.st_mode)) {
-		char **names = NULL;
-		size_t n = 0, len = path->len;
-
-		if ((err = list_dir(path->ptr, &names, &n)) < 0)
+		if ((err = for_each_child(path, digest_child, ds)) < 0)
 			return err;
-		for (size_t i = 0; i < n && !err; i++) {
-			ib_buf_puts(path, "/");
-			ib_buf_puts(path, names[i]);
-			err = digest_entry(ds, path);
-			path->len = len;
-			path->ptr[len] = '\0';
-		}
 		ib_sha256_field(ds->h, "end-of-dir");
-		free_names(names, n);
 	}
-	return err;
+	return 0;
 }
 
 int ib_tree_digest(char hex[IB_SHA256_HEX], const char *dir, uint64_t *out_bytes, uint64_t *out_files)

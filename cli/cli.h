@@ -14,6 +14,7 @@ int cmd_export(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_ls(int argc, char **argv);
 int cmd_cache(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
 int cmd_gc(int argc, char **argv);
 int cmd_warm(int argc, char **argv);
 

@@ -50,14 +50,14 @@ int cmd_export(int argc, char **argv)
 		goto out;
 	}
 	if (output && from_layers) {
-		err = ib_build_export(cache, &img, output, false);
+		err = ib_build_export(cache, &img, output, false, NULL);
 	} else if (output) {
 		/* The exported ext4 is kept in the cache: copy it, holes and all. */
 		char *src = ib_cache_image_path(cache, id);
 		err = ib_copy_sparse(src, output, 0644);
 		free(src);
 	} else {
-		err = ib_build_export(cache, &img, tar, true);
+		err = ib_build_export(cache, &img, tar, true, NULL);
 	}
 	if (err < 0) {
 		cli_error("%s", ib_error_last());

@@ -22,6 +22,7 @@ static const struct cmd {
 	{ "inspect", cmd_inspect, "inspect IMAGE_ID" },
 	{ "ls", cmd_ls, "ls" },
 	{ "cache", cmd_cache, "cache verify" },
+	{ "serve", cmd_serve, "serve --listen HOST:PORT [--token-file F] [--jobs N]" },
 	{ "warm", cmd_warm, "warm [--check] [--jobs N] (SPEC.json ... | --git URL --ref REF [--path DIR])" },
 	{ "gc", cmd_gc, "gc [--max-bytes N[K|M|G]] [--keep-days D] [--dry-run]" },
 };

@@ -6,12 +6,14 @@
  * and /tmp; brings up lo; sets the hostname from /etc/hostname; loads
  * /etc/environment; runs the program named by the kernel command line's
  * ib.exec=PATH (a shell on the console without it); reaps orphans; and when
- * that program exits, syncs and powers the machine off.
+ * that program exits, stops what is left, syncs, remounts / read-only and
+ * powers the machine off.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,25 +23,31 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define CMDLINE_MAX 4096
+/* builder/limits.h allows 256 variables of up to 32 KiB each */
+#define ENVIRONMENT_MAX (16 << 20)
+/* how long what is left running gets to exit on SIGTERM, in 50 ms ticks */
+#define STOP_TICKS 40
 
-static void say(const char *fmt, const char *arg, int errnum)
+static void __attribute__((format(printf, 2, 3))) say(int errnum, const char *fmt, ...)
 {
 	char line[512];
-	int n = snprintf(line, sizeof(line), fmt, arg ? arg : "");
+	va_list ap;
+	int n;
 
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
 	if (n < 0)
 		return;
 	if ((size_t)n >= sizeof(line))
 		n = sizeof(line) - 1;
-	if (errnum) {
-		int m = snprintf(line + n, sizeof(line) - (size_t)n, ": %s", strerror(errnum));
-		if (m > 0)
-			n += m;
-	}
+	if (errnum)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, ": %s", strerror(errnum));
 	if ((size_t)n >= sizeof(line) - 1)
 		n = sizeof(line) - 2;
 	line[n++] = '\n';
@@ -51,15 +59,16 @@ static void mount_one(const char *src, const char *dir, const char *type, unsign
 {
 	mkdir(dir, 0755);
 	if (mount(src, dir, type, flags, data) < 0 && errno != EBUSY)
-		say("cannot mount %s", dir, errno);
+		say(errno, "cannot mount %s", dir);
 }
 
 static void setup_console(void)
 {
-	int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+	int fd = open("/dev/console", O_RDWR | O_NOCTTY | O_CLOEXEC);
 
 	if (fd < 0)
 		return;
+	/* dup2 leaves 0, 1 and 2 without close-on-exec */
 	dup2(fd, 0);
 	dup2(fd, 1);
 	dup2(fd, 2);
@@ -79,117 +88,180 @@ static void loopback_up(void)
 	if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
 		ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
 		if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
-			say("cannot bring up %s", "lo", errno);
+			say(errno, "cannot bring up lo");
 	}
 	close(s);
 }
 
-/* Read a small file into buf (NUL-terminated); returns its length or -1. */
-static ssize_t slurp(const char *path, char *buf, size_t size)
+/*
+ * Read up to max bytes of a file into a NUL-terminated buffer the caller
+ * frees; returns its length, or -1 (nothing allocated) when it cannot be
+ * read.  /proc files report size 0, so the size is only a first guess.
+ */
+static ssize_t read_file(char **out, const char *path, size_t max)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	ssize_t n, len = 0;
+	struct stat st;
+	size_t size, len = 0;
+	ssize_t n;
+	char *buf;
 
 	if (fd < 0)
 		return -1;
-	while ((size_t)len < size - 1 && (n = read(fd, buf + len, size - 1 - (size_t)len)) > 0)
-		len += n;
+	size = fstat(fd, &st) == 0 && st.st_size > 0 && (size_t)st.st_size < max ? (size_t)st.st_size : max;
+	buf = malloc(size + 1);
+	if (!buf) {
+		close(fd);
+		return -1;
+	}
+	while (len < size && (n = read(fd, buf + len, size - len)) > 0)
+		len += (size_t)n;
 	close(fd);
 	buf[len] = '\0';
-	return len;
+	*out = buf;
+	return (ssize_t)len;
 }
 
 static void set_hostname(void)
 {
-	char name[256];
+	char *data = NULL;
+	const char *name = "localhost";
+	size_t len;
 
-	if (slurp("/etc/hostname", name, sizeof(name)) <= 0)
-		snprintf(name, sizeof(name), "localhost");
-	name[strcspn(name, " \t\r\n")] = '\0';
-	if (!name[0])
-		snprintf(name, sizeof(name), "localhost");
-	if (sethostname(name, strlen(name)) < 0)
-		say("cannot set the hostname %s", name, errno);
+	if (read_file(&data, "/etc/hostname", 256) > 0) {
+		data[strcspn(data, " \t\r\n")] = '\0';
+		if (data[0])
+			name = data;
+	}
+	len = strlen(name);
+	if (sethostname(name, len) < 0)
+		say(errno, "cannot set the hostname %s", name);
+	free(data);
 }
 
 /*
- * /etc/environment: KEY=VALUE lines, VALUE optionally in double quotes with
- * backslash escapes (as imagebuilder writes it) or single quotes.
+ * /etc/environment: NAME=VALUE lines.  imagebuilder writes VALUE in double
+ * quotes with a backslash before " \ $ and `; single-quoted and bare values,
+ * an "export " prefix and comment lines, as hand-written files have them,
+ * are read too.  A quoted value ends at its closing quote only.
  */
 static void load_environment(void)
 {
-	static char data[256 * 1024];
-	char *line, *next;
+	char *data = NULL, *p;
 
-	if (slurp("/etc/environment", data, sizeof(data)) <= 0)
+	if (read_file(&data, "/etc/environment", ENVIRONMENT_MAX) <= 0) {
+		free(data);
 		return;
-	for (line = data; line && *line; line = next) {
-		char *eq, *val, *w;
-
-		next = strchr(line, '\n');
-		if (next)
-			*next++ = '\0';
-		while (*line == ' ' || *line == '\t')
-			line++;
-		if (!strncmp(line, "export ", 7))
-			line += 7;
-		if (*line == '#' || !(eq = strchr(line, '=')) || eq == line)
-			continue;
-		*eq = '\0';
-		val = w = eq + 1;
-		if (*val == '"') {
-			for (char *r = val + 1; *r && *r != '"'; r++) {
-				if (*r == '\\' && r[1])
-					r++;
-				*w++ = *r;
-			}
-			*w = '\0';
-		} else if (*val == '\'') {
-			char *end = strchr(val + 1, '\'');
-			if (end)
-				*end = '\0';
-			val++;
-		}
-		setenv(line, val, 1);
 	}
+	for (p = data; *p;) {
+		char *name, *val, *w, *next;
+
+		p += strspn(p, " \t\r\n");
+		if (!strncmp(p, "export ", 7))
+			p += 7;
+		name = p;
+		p += strcspn(p, "=\n");
+		if (*name == '#' || *p != '=' || p == name) {
+			p += strcspn(p, "\n");
+			continue;
+		}
+		*p++ = '\0';
+		val = w = p;
+		if (*p == '"' || *p == '\'') {
+			char quote = *p++;
+
+			for (; *p && *p != quote; p++) {
+				if (quote == '"' && *p == '\\' && p[1])
+					p++;
+				*w++ = *p;
+			}
+			if (*p)
+				p++;
+		} else {
+			while (*p && *p != '\n' && *p != '\r')
+				*w++ = *p++;
+		}
+		/* anything after the value on its line is ignored */
+		next = p + strcspn(p, "\n");
+		*w = '\0';
+		setenv(name, val, 1);
+		p = next;
+	}
+	free(data);
 }
 
-/* The value of ib.exec= on the kernel command line, or NULL. */
+/* The value of ib.exec= on the kernel command line (the caller frees it), or NULL. */
 static char *cmdline_exec(void)
 {
-	static char cmdline[CMDLINE_MAX];
-	char *p;
+	char *cmdline = NULL, *p, *found = NULL;
 
-	if (slurp("/proc/cmdline", cmdline, sizeof(cmdline)) <= 0)
+	if (read_file(&cmdline, "/proc/cmdline", CMDLINE_MAX) <= 0) {
+		free(cmdline);
 		return NULL;
-	/* words are separated by white space */
+	}
+	/* words are separated by white space; the last ib.exec= wins, as the kernel's own parameters do */
 	for (p = cmdline; *p;) {
 		size_t n;
 
-		while (*p == ' ' || *p == '\t' || *p == '\n')
-			p++;
+		p += strspn(p, " \t\n");
 		n = strcspn(p, " \t\n");
 		if (n > 8 && !strncmp(p, "ib.exec=", 8)) {
-			p[n] = '\0';
-			return p + 8;
+			free(found);
+			found = strndup(p + 8, n - 8);
 		}
 		p += n;
 	}
-	return NULL;
+	free(cmdline);
+	return found;
+}
+
+/* Reap every child that has exited; 1 when none is left. */
+static int reap(void)
+{
+	pid_t pid;
+
+	while ((pid = waitpid(-1, NULL, WNOHANG)) > 0)
+		;
+	return pid < 0 && errno == ECHILD;
+}
+
+/*
+ * Stop what the program left running (daemons it started, orphans): SIGTERM,
+ * a grace period, then SIGKILL.  Bounded, so a process stuck in the kernel
+ * cannot keep the machine up.
+ */
+static void stop_all(void)
+{
+	const struct timespec tick = { 0, 50 * 1000 * 1000 };
+	int sig[] = { SIGTERM, SIGKILL };
+
+	for (size_t i = 0; i < sizeof(sig) / sizeof(sig[0]); i++) {
+		if (kill(-1, sig[i]) < 0)
+			return; /* ESRCH: nothing left */
+		for (int t = 0; t < STOP_TICKS && !reap(); t++)
+			nanosleep(&tick, NULL);
+	}
 }
 
 static void __attribute__((noreturn)) power_off(void)
 {
+	stop_all();
 	sync();
+	/* a clean file system: the next mount needs no journal recovery */
+	if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0)
+		say(errno, "cannot remount / read-only");
 	reboot(RB_POWER_OFF);
+	say(errno, "cannot power off");
 	for (;;)
 		pause();
 }
 
 int main(int argc, char **argv)
 {
-	char *exec_path;
-	pid_t main_pid;
+	char *exec_path, *const *child_argv;
+	char *sh_argv[] = { (char *)"/bin/sh", NULL };
+	char *exec_argv[] = { NULL, NULL };
+	pid_t main_pid, pid;
 	int status = 0;
 
 	(void)argc;
@@ -208,6 +280,7 @@ int main(int argc, char **argv)
 	loopback_up();
 	set_hostname();
 
+	/* the kernel's leftovers (unknown name=value parameters) are dropped */
 	clearenv();
 	setenv("PATH", DEFAULT_PATH, 1);
 	setenv("HOME", "/root", 1);
@@ -215,43 +288,36 @@ int main(int argc, char **argv)
 	load_environment();
 
 	exec_path = cmdline_exec();
+	exec_argv[0] = exec_path;
+	child_argv = exec_path ? exec_argv : sh_argv;
 	main_pid = fork();
 	if (main_pid < 0) {
-		say("cannot fork%s", NULL, errno);
+		say(errno, "cannot fork");
 		power_off();
 	}
 	if (main_pid == 0) {
-		char *sh_argv[] = { (char *)"/bin/sh", NULL };
-		char *exec_argv[] = { exec_path, NULL };
-
+		/* its own session, the console its controlling terminal: ^C reaches it */
 		setsid();
 		ioctl(0, TIOCSCTTY, 0);
-		signal(SIGTERM, SIG_DFL);
-		if (exec_path) {
-			execv(exec_path, exec_argv);
-			say("cannot run %s", exec_path, errno);
-		} else {
-			execv(sh_argv[0], sh_argv);
-			say("cannot run %s", sh_argv[0], errno);
-		}
+		execv(child_argv[0], child_argv);
+		say(errno, "cannot run %s", child_argv[0]);
 		_exit(127);
 	}
-	/* PID 1 ignores what it does not handle; reap every orphan. */
-	signal(SIGTERM, SIG_IGN);
-	signal(SIGINT, SIG_IGN);
-	for (;;) {
-		pid_t pid = wait(&status);
-
-		if (pid == main_pid)
-			break;
-		if (pid < 0 && errno == ECHILD)
-			break;
+	/*
+	 * Signals PID 1 has no handler for never reach it (the kernel drops
+	 * them), so there is nothing to ignore; wait for the program and reap
+	 * every orphan the kernel hands over meanwhile.
+	 */
+	while ((pid = wait(&status)) != main_pid) {
+		if (pid < 0 && errno != EINTR) {
+			say(errno, "cannot wait for %s; powering off", child_argv[0]);
+			power_off();
+		}
 	}
 	if (WIFEXITED(status))
-		fprintf(stderr, "ib-init: %s exited with status %d; powering off\n", exec_path ? exec_path : "/bin/sh",
-			WEXITSTATUS(status));
+		say(0, "%s exited with status %d; powering off", child_argv[0], WEXITSTATUS(status));
 	else if (WIFSIGNALED(status))
-		fprintf(stderr, "ib-init: %s killed by signal %d; powering off\n", exec_path ? exec_path : "/bin/sh",
-			WTERMSIG(status));
+		say(0, "%s killed by signal %d; powering off", child_argv[0], WTERMSIG(status));
+	free(exec_path);
 	power_off();
 }

@@ -4,7 +4,7 @@
 set -eu
 
 PKGS="gcc make pkg-config libc6-dev
-libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libgit2-dev
+libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libmicrohttpd-dev libgit2-dev
 qemu-user-static qemu-system-x86 patchelf
 mmdebstrap e2fsprogs python3 ca-certificates bc git curl"
 # a cross compiler for the init of the other architecture

@@ -16,10 +16,12 @@ cleanup() {
 	for pid in $CLEANUP; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
 	rm -rf "$T"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-fail() { echo "FAIL: $*" >&2; exit 1; }
-ok() { echo "  ok: $*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+ok() { printf '  ok: %s\n' "$*"; }
 
 # expect_status WANT CMD...: run CMD, fail unless it exits WANT
 expect_status() {

@@ -76,6 +76,12 @@ id3=$(json_get "$T/b3.json" 'd["image_id"]')
 	fail "earlier keys changed"
 ok "changed last step: layers 0-3 reused, only the last rebuilt, new id"
 
+"$IB" build --cache-dir "$C" --json --force "$T/spec3.json" >"$T/b4.json" 2>"$T/b4.log" || fail "--force failed: $(tail "$T/b4.log")"
+[ "$(json_get "$T/b4.json" '[l["cached"] for l in d["layers"]]')" = "[True, False, False, False, False]" ] ||
+	fail "--force: $(json_get "$T/b4.json" '[l["cached"] for l in d["layers"]]')"
+[ "$(json_get "$T/b4.json" 'd["image_id"]')" = "$id3" ] || fail "--force changed the id"
+ok "--force rebuilds every step (the base is reused), same id"
+
 "$IB" inspect --cache-dir "$C" "$id" > "$T/inspect.json" || fail "inspect failed"
 [ "$(json_get "$T/inspect.json" 'd["image_id"]')" = "$id" ] || fail "inspect: wrong id"
 [ "$(json_get "$T/inspect.json" 'd["ext4_sha256"]')" = "$(json_get "$T/b1.json" 'd["ext4_sha256"]')" ] || fail "inspect: sha"

@@ -1,0 +1,46 @@
+# Bit-identical images: the same spec built from two empty caches gives the
+# same ext4 bytes and the same tar bytes.  When they differ, say which files.
+. "$(dirname "$0")/lib.sh"
+
+cat > "$T/spec.json" <<'JSON'
+{"base": "debian_amd64", "steps": [
+  {"apt_install": ["curl"]},
+  {"env": {"REPRO": "yes"}},
+  {"run_commands": ["useradd -m repro", "echo built > /built.txt", "python3 -c pass 2>/dev/null || true"]}
+]}
+JSON
+for n in 1 2; do
+	"$IB" build --cache-dir "$T/cache$n" -o "$T/img$n.ext4" "$T/spec.json" >"$T/id$n" 2>"$T/log$n" ||
+		fail "build $n failed: $(tail -20 "$T/log$n")"
+	"$IB" export --cache-dir "$T/cache$n" "$(cat "$T/id$n")" --tar "$T/img$n.tar" || fail "tar export $n failed"
+done
+[ "$(cat "$T/id1")" = "$(cat "$T/id2")" ] || fail "different image ids"
+
+# Which files differ, from the two tar exports (content, mode, owner, mtime).
+describe() {
+	$PY - "$T/img1.tar" "$T/img2.tar" <<'PY'
+import hashlib, sys, tarfile
+def index(path):
+    out = {}
+    with tarfile.open(path) as t:
+        for m in t.getmembers():
+            h = hashlib.sha256(t.extractfile(m).read()).hexdigest()[:16] if m.isfile() else m.linkname
+            out[m.name] = (m.type, oct(m.mode), m.uid, m.gid, m.mtime, m.size, h)
+    return out
+a, b = index(sys.argv[1]), index(sys.argv[2])
+diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+for k in diff[:40]:
+    print(f"  {k}: {a.get(k)} != {b.get(k)}")
+print(f"  {len(diff)} paths differ")
+PY
+}
+if ! cmp -s "$T/img1.tar" "$T/img2.tar"; then
+	echo "tar exports differ:" >&2; describe >&2
+	fail "the tar exports of two clean builds differ"
+fi
+ok "tar exports of two clean builds are identical ($(stat -c %s "$T/img1.tar") bytes)"
+if ! cmp -s "$T/img1.ext4" "$T/img2.ext4"; then
+	cmp "$T/img1.ext4" "$T/img2.ext4" | head -1 >&2
+	fail "the ext4 images differ although their trees are identical"
+fi
+ok "ext4 images of two clean builds are identical: sha256 $(sha256sum "$T/img1.ext4" | cut -c1-16)..."
