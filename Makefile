@@ -82,9 +82,11 @@ demo: deps
 	@$(MAKE) --no-print-directory all
 	@scripts/demo.sh $(BUILD)
 
+# BENCH=run|arm64|serve-bench picks one; all by default.
+BENCH ?= run arm64 serve-bench
 bench: deps
 	@$(MAKE) --no-print-directory all
-	@bench/run.sh $(BUILD)
+	@for b in $(BENCH); do echo "== bench/$$b.sh"; bench/$$b.sh $(BUILD) || exit 1; done
 
 clean:
 	rm -rf $(BUILD)

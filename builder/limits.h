@@ -28,6 +28,7 @@
 #define IB_SERVE_HTTP_THREADS_MAX 256		/* --http-threads */
 #define IB_SERVE_QUEUE_MAX	1024		/* builds waiting for a builder */
 #define IB_SERVE_CONNECTIONS_MAX 4096		/* open client connections */
+#define IB_SERVE_CONN_MEMORY	(16 * 1024)	/* per connection: request line and headers, response headers */
 #define IB_SERVE_IDLE_TIMEOUT	120		/* seconds a keep-alive connection may idle */
 #define IB_SERVE_RECENT_MAX	256		/* finished builds kept in memory */
 #define IB_SERVE_CANCEL_WAIT	10		/* seconds CancelBuild waits for the build to stop */

@@ -76,6 +76,7 @@ int ib_proc_run(const char *const *argv, const ib_proc_opts *opts)
 	if (pid == 0) {
 		setpgid(0, 0);
 		close(out[0]);
+		ib_close_fds_except(out[1], -1);
 		if (opts->flags & IB_PROC_ISOLATE)
 			isolated_child(argv, opts, out[1], builder);
 		prctl(PR_SET_PDEATHSIG, SIGKILL);

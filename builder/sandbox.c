@@ -434,6 +434,7 @@ static int namespace_run(const ib_run_req *req)
 		setpgid(0, 0);
 		close(out[0]);
 		close(status[0]);
+		ib_close_fds_except(sb.out_w, sb.status_w);
 		sandbox_outer(&sb, builder);
 	}
 	setpgid(pid, pid);

@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -48,17 +49,66 @@ unsigned ib_connect_http_status(ib_connect_code code)
 
 char *ib_connect_error_body(ib_connect_code code, const char *message)
 {
-	json_t *doc = json_pack("{s:s, s:s}", "code", ib_connect_code_name(code), "message", message ? message : "");
-	char *s;
+	char *clean = ib_http_utf8_clean(message, SIZE_MAX), *s;
+	json_t *doc = json_pack("{s:s, s:s}", "code", ib_connect_code_name(code), "message", clean);
 
-	if (!doc) /* message was not UTF-8: say so rather than fail */
-		doc = json_pack("{s:s, s:s}", "code", ib_connect_code_name(code), "message",
-				"(message is not valid UTF-8)");
-	s = json_dumps(doc, JSON_COMPACT);
+	s = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
 	json_decref(doc);
+	free(clean);
 	if (!s)
 		abort();
 	return s;
+}
+
+/* Length of the valid UTF-8 sequence at s[0..n) (no overlongs, no surrogates), 0 if none. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+	unsigned c = s[0], need, min, cp;
+
+	if (c < 0x80)
+		return 1;
+	if ((c & 0xe0) == 0xc0)
+		need = 1, min = 0x80, cp = c & 0x1f;
+	else if ((c & 0xf0) == 0xe0)
+		need = 2, min = 0x800, cp = c & 0x0f;
+	else if ((c & 0xf8) == 0xf0)
+		need = 3, min = 0x10000, cp = c & 0x07;
+	else
+		return 0;
+	for (unsigned k = 1; k <= need; k++) {
+		if (k >= n || (s[k] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[k] & 0x3f);
+	}
+	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return need + 1;
+}
+
+bool ib_http_utf8_valid(const char *s, size_t n)
+{
+	for (size_t i = 0, k; i < n; i += k)
+		if (!(k = utf8_seq((const unsigned char *)s + i, n - i)))
+			return false;
+	return true;
+}
+
+char *ib_http_utf8_clean(const char *s, size_t max)
+{
+	size_t n = s ? strnlen(s, max) : 0;
+	ib_buf b = IB_BUF_INIT;
+
+	ib_buf_grow(&b, n);
+	for (size_t i = 0, k; i < n; i += k) {
+		if ((k = utf8_seq((const unsigned char *)s + i, n - i))) {
+			ib_buf_add(&b, s + i, k);
+		} else {
+			ib_buf_add(&b, "\xef\xbf\xbd", 3);
+			k = 1;
+		}
+	}
+	ib_buf_add(&b, "", 0); /* terminated even when empty */
+	return ib_buf_detach(&b);
 }
 
 static const char *skip_ows(const char *p)
@@ -167,10 +217,25 @@ bool ib_http_etag_match(const char *header, const char *etag)
 	return false;
 }
 
+/* Fetched once: EVP_sha256() looks the algorithm up again on every use. */
+static EVP_MD *sha256_md;
+static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+
+static void fetch_sha256(void)
+{
+	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+void ib_http_sha256(unsigned char out[IB_SHA256_LEN], const void *data, size_t len)
+{
+	pthread_once(&sha256_once, fetch_sha256);
+	if (!sha256_md || !EVP_Digest(data, len, out, NULL, sha256_md, NULL))
+		abort(); /* only on allocation failure, as everywhere else */
+}
+
 void ib_http_token_init(ib_http_token *t, const char *token, size_t len)
 {
-	if (!EVP_Digest(token, len, t->digest, NULL, EVP_sha256(), NULL))
-		abort(); /* only on allocation failure, as everywhere else */
+	ib_http_sha256(t->digest, token, len);
 }
 
 bool ib_http_bearer_ok(const ib_http_token *t, const char *authorization)
@@ -252,17 +317,22 @@ bad:
 
 void ib_http_time(char buf[32], double t)
 {
+	/* The date part changes once a second: format it once a second per thread. */
+	static _Thread_local time_t last = (time_t)-1;
+	static _Thread_local char base[24];
 	time_t secs = (time_t)t;
-	struct tm tm;
-	char base[24];
 	int ms = (int)((t - (double)secs) * 1000.0);
 
+	if (secs != last) {
+		struct tm tm;
+		gmtime_r(&secs, &tm);
+		strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm);
+		last = secs;
+	}
 	if (ms < 0)
 		ms = 0;
 	if (ms > 999)
 		ms = 999;
-	gmtime_r(&secs, &tm);
-	strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm);
 	snprintf(buf, 32, "%s.%03dZ", base, ms);
 }
 

@@ -67,6 +67,9 @@ ib_range_result ib_http_parse_range(const char *header, uint64_t size, uint64_t 
  */
 bool ib_http_etag_match(const char *header, const char *etag);
 
+/* SHA-256 of len bytes (the digest, not hex). */
+void ib_http_sha256(unsigned char out[IB_SHA256_LEN], const void *data, size_t len);
+
 /*
  * Bearer tokens.  The expected token is kept only as its SHA-256 digest;
  * the offered one is hashed and the digests compared in constant time, so
@@ -87,6 +90,17 @@ bool ib_http_bearer_ok(const ib_http_token *t, const char *authorization);
  * kernel for a free one.
  */
 int ib_http_parse_listen(struct sockaddr_storage *out, socklen_t *out_len, const char *spec);
+
+/* Is s[0..n) valid UTF-8 (no overlong forms, no surrogates)? */
+bool ib_http_utf8_valid(const char *s, size_t n);
+
+/*
+ * The first max bytes of s (NULL: "") as valid UTF-8, for JSON strings:
+ * each byte that starts no valid sequence becomes U+FFFD.  Step output is
+ * arbitrary bytes, and a log tail may cut a character in two.  The caller
+ * frees the result.
+ */
+char *ib_http_utf8_clean(const char *s, size_t max);
 
 /* "2024-05-01T12:00:00.123Z" for a CLOCK_REALTIME value; buf of 32 bytes. */
 void ib_http_time(char buf[32], double unix_seconds);

@@ -56,6 +56,8 @@
 
 #define RPC_PREFIX "/imagebuilder.v1.ImageBuilder/"
 #define TOUCH_SLOTS 256
+#define ANSWER_SLOTS 1024
+#define ANSWER_TTL 1.0   /* seconds a remembered cached answer is trusted without the index */
 #define TOUCH_EVERY 60.0 /* seconds between last_used updates of one image */
 #define SHUTDOWN_MESSAGE "cancelled: the server shut down"
 #define INTERRUPTED_MESSAGE "interrupted: the server stopped before the build finished"
@@ -110,6 +112,8 @@ typedef struct req {
 	ib_endpoint ep;
 	ib_buf body;
 	bool too_large;
+	bool have_digest;
+	unsigned char digest[IB_SHA256_LEN]; /* of a BuildImage body */
 	unsigned status;     /* HTTP status queued, 0 none */
 	const char *code;    /* Connect code of an error response */
 	char *message;       /* its message */
@@ -165,6 +169,21 @@ struct ib_server {
 		char id[IB_SHA256_HEX];
 		double at;
 	} touched[TOUCH_SLOTS];
+
+	/*
+	 * Cached answers to BuildImage bodies seen lately, by the SHA-256 of
+	 * the body: a client polling with the same request skips parsing,
+	 * planning and the index for ANSWER_TTL seconds (the image file is
+	 * still checked each time).
+	 */
+	pthread_mutex_t answer_mu;
+	struct answer {
+		unsigned char key[IB_SHA256_LEN];
+		bool used;
+		double checked;
+		char image_id[IB_SHA256_HEX];
+		char build_id[IB_BUILD_ID_MAX];
+	} answers[ANSWER_SLOTS];
 };
 
 /* ---- small helpers ---- */
@@ -249,6 +268,31 @@ static void build_log(const ib_server *srv, const char *build_id, int fd, const 
 		close(own);
 }
 
+/* Append s (at most max bytes) as a JSON string; bytes of invalid UTF-8 become \\u00XX. */
+static void json_string_to(ib_buf *b, const char *s, size_t max)
+{
+	size_t n = strnlen(s, max), run = 0;
+	bool raw_ok = ib_http_utf8_valid(s, n);
+
+	ib_buf_add(b, "\"", 1);
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		char esc[8];
+
+		if (ch != '"' && ch != '\\' && ch >= 0x20 && ch != 0x7f && (ch < 0x80 || raw_ok))
+			continue;
+		ib_buf_add(b, s + run, i - run);
+		if (ch == '"' || ch == '\\')
+			snprintf(esc, sizeof(esc), "\\%c", ch);
+		else
+			snprintf(esc, sizeof(esc), "\\u%04x", ch);
+		ib_buf_puts(b, esc);
+		run = i + 1;
+	}
+	ib_buf_add(b, s + run, n - run);
+	ib_buf_add(b, "\"", 1);
+}
+
 /* One structured line on the server's log: {"ts": ..., "event": ..., ...}. */
 static void event(const ib_server *srv, json_t *obj)
 {
@@ -299,6 +343,53 @@ static void touch_image(ib_server *srv, const char *image_id)
 	pthread_mutex_unlock(&srv->touch_mu);
 	if (due)
 		ib_cache_touch_image(srv->cache, image_id);
+}
+
+static struct answer *answer_slot(ib_server *srv, const unsigned char key[IB_SHA256_LEN])
+{
+	return &srv->answers[((unsigned)key[0] << 8 | key[1]) % ANSWER_SLOTS];
+}
+
+/* A fresh remembered answer for this body: its ids, true. */
+static bool answer_lookup(ib_server *srv, const unsigned char key[IB_SHA256_LEN], char image_id[IB_SHA256_HEX],
+			  char build_id[IB_BUILD_ID_MAX])
+{
+	struct answer *a = answer_slot(srv, key);
+	bool hit;
+
+	pthread_mutex_lock(&srv->answer_mu);
+	hit = a->used && !memcmp(a->key, key, IB_SHA256_LEN) && ib_now() - a->checked < ANSWER_TTL;
+	if (hit) {
+		memcpy(image_id, a->image_id, IB_SHA256_HEX);
+		memcpy(build_id, a->build_id, IB_BUILD_ID_MAX);
+	}
+	pthread_mutex_unlock(&srv->answer_mu);
+	return hit;
+}
+
+static void answer_store(ib_server *srv, const unsigned char key[IB_SHA256_LEN], const char *image_id,
+			 const char *build_id)
+{
+	struct answer *a = answer_slot(srv, key);
+
+	pthread_mutex_lock(&srv->answer_mu);
+	memcpy(a->key, key, IB_SHA256_LEN);
+	a->used = true;
+	a->checked = ib_now();
+	snprintf(a->image_id, sizeof(a->image_id), "%s", image_id);
+	snprintf(a->build_id, sizeof(a->build_id), "%s", build_id);
+	pthread_mutex_unlock(&srv->answer_mu);
+}
+
+/* Is the image's file there?  (The remembered answer's only check.) */
+static bool image_file_present(ib_server *srv, const char *image_id)
+{
+	char *path = ib_cache_image_path(srv->cache, image_id);
+	struct stat st;
+	bool ok = stat(path, &st) == 0 && S_ISREG(st.st_mode);
+
+	free(path);
+	return ok;
 }
 
 /* ---- jobs ---- */
@@ -489,8 +580,13 @@ static json_t *steps_all_cached(ib_build *b)
 
 static json_t *error_json(int step, const char *message, const char *log_tail)
 {
-	return json_pack("{s:o, s:s, s:s}", "step", step >= 0 ? json_integer(step) : json_null(), "message",
-			 message ? message : "", "log_tail", log_tail ? log_tail : "");
+	char *m = ib_http_utf8_clean(message, SIZE_MAX), *t = ib_http_utf8_clean(log_tail, SIZE_MAX);
+	json_t *e = json_pack("{s:o, s:s, s:s}", "step", step >= 0 ? json_integer(step) : json_null(), "message", m,
+			      "log_tail", t);
+
+	free(m);
+	free(t);
+	return e;
 }
 
 /* The GetBuild answer for a job in memory.  Under mu. */
@@ -560,8 +656,11 @@ static void build_event(ib_server *srv, const job *j, job_status status, double 
 
 	if (seconds >= 0)
 		json_object_set_new(e, "seconds", json_real((double)(int64_t)(seconds * 1000) / 1000));
-	if (error)
-		json_object_set_new(e, "error", json_stringn(error, strnlen(error, 512)));
+	if (error) {
+		char *clean = ib_http_utf8_clean(error, 512);
+		json_object_set_new(e, "error", json_string(clean));
+		free(clean);
+	}
 	event(srv, e);
 }
 
@@ -899,6 +998,18 @@ static const char *string_field(json_t *msg, const char *snake, const char *came
 
 /* ---- RPCs ---- */
 
+/* READY, cached: the answer for r->image_id and r->build_id. */
+static enum MHD_Result respond_cached(req *r, struct MHD_Connection *c)
+{
+	char *body = ib_xasprintf("{\"image_id\":\"%s\",\"build_id\":\"%s\",\"status\":\"READY\",\"cached\":true}",
+				  r->image_id, r->build_id);
+
+	touch_image(r->srv, r->image_id);
+	ib_metrics_image_lookup(r->srv->metrics, true);
+	r->cached = 1;
+	return respond(r, c, MHD_HTTP_OK, "application/json", body, strlen(body));
+}
+
 static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t *msg)
 {
 	ib_server *srv = r->srv;
@@ -996,11 +1107,9 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 			ret = respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
 			goto out;
 		}
-		touch_image(srv, b->image_id);
-		ib_metrics_image_lookup(srv->metrics, true);
-		r->cached = 1;
-		ret = respond_json(r, c, json_pack("{s:s, s:s, s:s, s:b}", "image_id", b->image_id, "build_id",
-						   r->build_id, "status", "READY", "cached", 1));
+		if (r->have_digest)
+			answer_store(srv, r->digest, b->image_id, r->build_id);
+		ret = respond_cached(r, c);
 		goto out;
 	}
 
@@ -1024,17 +1133,16 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 		snprintf(r->build_id, sizeof(r->build_id), "%s", other->id);
 		status = status_names[other->status];
 		pthread_mutex_unlock(&srv->mu);
+		job_free(j);
 		goto joined;
 	}
-	if (srv->draining) {
+	if (srv->draining || srv->nqueued + srv->ninserting >= IB_SERVE_QUEUE_MAX) {
+		bool draining = srv->draining;
 		pthread_mutex_unlock(&srv->mu);
-		ret = respond_error(r, c, IB_CONNECT_UNAVAILABLE, "the server is shutting down; retry on another");
-		goto out;
-	}
-	if (srv->nqueued + srv->ninserting >= IB_SERVE_QUEUE_MAX) {
-		pthread_mutex_unlock(&srv->mu);
-		ret = respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED, "the build queue is full (%d builds waiting)",
-				    IB_SERVE_QUEUE_MAX);
+		job_free(j);
+		ret = draining ? respond_error(r, c, IB_CONNECT_UNAVAILABLE, "the server is shutting down; retry later")
+			       : respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED,
+					       "the build queue is full (%d builds waiting)", IB_SERVE_QUEUE_MAX);
 		goto out;
 	}
 	j->inserting = true;
@@ -1083,8 +1191,8 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 		queue_push(srv, j);
 		status = status_names[j->status];
 		pthread_mutex_unlock(&srv->mu);
+		build_event(srv, j, ST_QUEUED, -1, NULL);
 	}
-	build_event(srv, j, ST_QUEUED, -1, NULL);
 	job_unref(srv, j);
 joined:
 	ib_metrics_image_lookup(srv->metrics, false);
@@ -1184,6 +1292,13 @@ static enum MHD_Result rpc_cancel_build(req *r, struct MHD_Connection *c, json_t
 		finish_unrun(srv, j);
 		job_unref(srv, j);
 		return cancel_answer(r, c, "CANCELLED");
+	}
+	if (j && srv->stopping) {
+		/* no timer left to resume a wait: answer as things stand */
+		const char *s = status_names[j->status];
+		j->cancel = 1;
+		pthread_mutex_unlock(&srv->mu);
+		return cancel_answer(r, c, s);
 	}
 	if (j) {
 		/* running (or being recorded): stop it and wait, without holding a thread */
@@ -1698,6 +1813,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 {
 	req *r = *con_cls;
 	enum MHD_Result ret;
+	rpc_kind k;
 
 	(void)cls;
 	(void)version;
@@ -1720,7 +1836,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		if (r->too_large)
 			return respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED, "request: at most %d bytes are accepted",
 					     IB_SERVE_BODY_MAX);
-		ret = dispatch_rpc(r, c, rpc_of(url), r->body.ptr, r->body.len);
+		k = rpc_of(url);
+		if (k == RPC_BUILD_IMAGE) {
+			ib_http_sha256(r->digest, r->body.ptr ? r->body.ptr : "", r->body.len);
+			r->have_digest = true;
+			if (answer_lookup(r->srv, r->digest, r->image_id, r->build_id) &&
+			    image_file_present(r->srv, r->image_id)) {
+				ib_buf_free(&r->body);
+				return respond_cached(r, c);
+			}
+		}
+		ret = dispatch_rpc(r, c, k, r->body.ptr, r->body.len);
 		ib_buf_free(&r->body);
 		return ret;
 	case PHASE_RESUMED: {
@@ -1765,7 +1891,6 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 	const union MHD_ConnectionInfo *ci;
 	char addr[INET6_ADDRSTRLEN] = "";
 	double seconds;
-	json_t *e;
 	char *q;
 
 	if (!r)
@@ -1781,6 +1906,10 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 			ib_metrics_bytes(srv->metrics, r->ep, r->length);
 	}
 	if (srv->log_fd >= 0) {
+		char ts[32], part[512];
+		ib_buf line = IB_BUF_INIT;
+		int n;
+
 		ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
 		if (ci && ci->client_addr) {
 			const struct sockaddr *sa = ci->client_addr;
@@ -1791,24 +1920,31 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 		}
 		if ((q = strchr(r->uri, '?')))
 			*q = '\0';
-		e = json_pack("{s:s, s:s, s:s, s:s, s:i, s:f, s:I, s:s}", "event", "request", "method", r->method,
-			      "path", r->uri, "endpoint", ib_endpoint_name(r->ep), "status", (int)r->status, "ms",
-			      (double)(int64_t)(seconds * 1e6) / 1e3, "bytes", (json_int_t)r->length, "remote", addr);
-		if (e) {
-			if (r->code)
-				json_object_set_new(e, "code", json_string(r->code));
-			if (r->message)
-				json_object_set_new(e, "message", json_stringn(r->message, strnlen(r->message, 512)));
-			if (r->build_id[0])
-				json_object_set_new(e, "build_id", json_string(r->build_id));
-			if (r->image_id[0])
-				json_object_set_new(e, "image_id", json_string(r->image_id));
-			if (r->cached >= 0)
-				json_object_set_new(e, "cached", json_boolean(r->cached));
-			if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
-				json_object_set_new(e, "aborted", json_true());
-			event(srv, e);
+		/* By hand rather than through jansson: this runs once per request. */
+		ib_http_time(ts, ib_http_wallclock());
+		ib_buf_grow(&line, 512);
+		n = snprintf(part, sizeof(part), "{\"ts\":\"%s\",\"event\":\"request\",\"method\":", ts);
+		ib_buf_add(&line, part, (size_t)n);
+		json_string_to(&line, r->method, sizeof(r->method));
+		ib_buf_add(&line, ",\"path\":", 8);
+		json_string_to(&line, r->uri, 512);
+		n = snprintf(part, sizeof(part),
+			     ",\"endpoint\":\"%s\",\"status\":%u,\"ms\":%.3f,\"bytes\":%llu,\"remote\":\"%s\"%s%s%s%s%s%s%s%s%s%s",
+			     ib_endpoint_name(r->ep), r->status, seconds * 1e3, (unsigned long long)r->length, addr,
+			     r->code ? ",\"code\":\"" : "", r->code ? r->code : "", r->code ? "\"" : "",
+			     r->build_id[0] ? ",\"build_id\":\"" : "", r->build_id, r->build_id[0] ? "\"" : "",
+			     r->image_id[0] ? ",\"image_id\":\"" : "", r->image_id, r->image_id[0] ? "\"" : "",
+			     r->cached < 0 ? "" : r->cached ? ",\"cached\":true" : ",\"cached\":false");
+		ib_buf_add(&line, part, (size_t)n < sizeof(part) ? (size_t)n : sizeof(part) - 1);
+		if (r->message) {
+			ib_buf_add(&line, ",\"message\":", 11);
+			json_string_to(&line, r->message, 512);
 		}
+		if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
+			ib_buf_puts(&line, ",\"aborted\":true");
+		ib_buf_add(&line, "}\n", 2);
+		ib_write_all(srv->log_fd, line.ptr, line.len);
+		ib_buf_free(&line);
 	}
 	ib_buf_free(&r->body);
 	free(r->uri);
@@ -1955,6 +2091,7 @@ int ib_server_start(ib_server **out, ib_cache *cache, const ib_server_opts *opts
 	pthread_mutex_init(&srv->mu, NULL);
 	pthread_mutex_init(&srv->adopt_mu, NULL);
 	pthread_mutex_init(&srv->touch_mu, NULL);
+	pthread_mutex_init(&srv->answer_mu, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&srv->work_cv, NULL);
@@ -1998,6 +2135,7 @@ int ib_server_start(ib_server **out, ib_cache *cache, const ib_server_opts *opts
 				    MHD_OPTION_LISTEN_SOCKET, srv->listen_fd,
 				    MHD_OPTION_THREAD_POOL_SIZE, srv->http_threads,
 				    MHD_OPTION_CONNECTION_LIMIT, (unsigned)IB_SERVE_CONNECTIONS_MAX,
+				    MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)IB_SERVE_CONN_MEMORY,
 				    MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IB_SERVE_IDLE_TIMEOUT,
 				    MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv,
 				    MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
@@ -2143,6 +2281,7 @@ void ib_server_free(ib_server *srv)
 	pthread_mutex_destroy(&srv->mu);
 	pthread_mutex_destroy(&srv->adopt_mu);
 	pthread_mutex_destroy(&srv->touch_mu);
+	pthread_mutex_destroy(&srv->answer_mu);
 	pthread_cond_destroy(&srv->work_cv);
 	pthread_cond_destroy(&srv->done_cv);
 	pthread_cond_destroy(&srv->timer_cv);

@@ -75,6 +75,14 @@ int ib_write_all(int fd, const void *data, size_t len);
 /* fsync a directory by path. */
 int ib_fsync_dir(const char *path);
 
+/*
+ * In a child after fork() that does not exec at once: close every fd above
+ * 2 but a and b (-1: none), so that descriptors other threads of a
+ * multi-threaded parent had open (pipes, locks, sockets) do not live on in
+ * it.
+ */
+void ib_close_fds_except(int a, int b);
+
 /* Monotonic clock in seconds. */
 double ib_now(void);
 

@@ -11,6 +11,7 @@
 
 #include "builder/build.h"
 #include "builder/limits.h"
+#include "builder/server-http.h"
 #include "builder/util.h"
 #include "cli.h"
 
@@ -59,10 +60,15 @@ static void print_json(const ib_build *b, int err, const char *output, const cha
 	json_object_set_new(doc, "ext4_bytes", err ? json_null() : json_integer((json_int_t)b->ext4_bytes));
 	json_object_set_new(doc, "layers", layers);
 	json_object_set_new(doc, "log", log_path ? json_string(log_path) : json_null());
-	if (err)
+	if (err) {
+		/* a log tail may cut a character in two, and the output is anyone's bytes */
+		char *msg = ib_http_utf8_clean(b->error ? b->error : "", IB_ERROR_MAX);
+		char *tail = ib_http_utf8_clean(b->log_tail ? b->log_tail : "", IB_LOG_TAIL_MAX);
 		json_object_set_new(doc, "error",
-				    json_pack("{s:i, s:s, s:s}", "step", b->failed_layer, "message",
-					      b->error ? b->error : "", "log_tail", b->log_tail ? b->log_tail : ""));
+				    json_pack("{s:i, s:s, s:s}", "step", b->failed_layer, "message", msg, "log_tail", tail));
+		free(msg);
+		free(tail);
+	}
 	s = json_dumps(doc, JSON_COMPACT);
 	puts(s);
 	free(s);

@@ -107,3 +107,5 @@ no_pgrep() {
 
 # A word no earlier run used, so specs that contain it are not cached.
 NONCE=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+# The same as decimal digits, for commands like `sleep 1000.$DNONCE` that pgrep can tell apart.
+DNONCE=$(od -An -N4 -tu4 /dev/urandom | tr -d ' \n')

@@ -56,6 +56,17 @@ sa=$(img_cat "$T/a.ext4" /shared.txt); sb=$(img_cat "$T/b.ext4" /shared.txt)
 	fail "the specs' own steps are missing"
 ok "two specs sharing a missing layer: built once (same random bytes in both images), one waited"
 
+# The same between the daemon and a CLI build on the same cache dir.
+sed "s/true $NONCE/true cli-$NONCE/" "$T/a.json" > "$T/a2.json"
+sed "s/true $NONCE/true cli-$NONCE/; s/echo b-/echo c-/" "$T/b.json" > "$T/c.json"
+build_image "$T/a2.json"; b2=$BID; i2=$IID
+"$IB" build --cache-dir "$C" -o "$T/c.ext4" "$T/c.json" >/dev/null 2>"$T/cli.log" || fail "CLI build: $(tail -3 "$T/cli.log")"
+wait_build "$b2" READY 300
+curl -s -o "$T/a2.ext4" "$URL/v1/images/$i2/rootfs.ext4"
+sa=$(img_cat "$T/a2.ext4" /shared.txt); sc=$(img_cat "$T/c.ext4" /shared.txt)
+[ -n "$sa" ] && [ "$sa" = "$sc" ] || fail "daemon and CLI built the shared layer twice: '$sa' vs '$sc'"
+ok "a daemon build and a CLI build sharing a missing layer: built once"
+
 serve_stop TERM
 [ "$SERVE_RC" = 0 ] || fail "exit $SERVE_RC"
 cache_sound "$C"

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <jansson.h>
 #include <netinet/in.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -48,6 +49,28 @@ TEST(connect_codes_map_to_http_statuses)
 	ASSERT_STR_EQ(json_string_value(json_object_get(doc, "message")), "no build \"x\"");
 	json_decref(doc);
 	free(body);
+}
+
+TEST(utf8_for_json)
+{
+	char *c;
+
+	ASSERT_TRUE(ib_http_utf8_valid("h\xc3\xa9", 3));
+	ASSERT_TRUE(!ib_http_utf8_valid("h\xc3", 2));           /* cut in two */
+	ASSERT_TRUE(!ib_http_utf8_valid("\xc0\xaf", 2));        /* overlong '/' */
+	ASSERT_TRUE(!ib_http_utf8_valid("\xed\xa0\x80", 3));    /* a surrogate */
+	c = ib_http_utf8_clean("a\xff" "b\xc3\xa9\xc3", SIZE_MAX);
+	ASSERT_STR_EQ(c, "a\xef\xbf\xbd" "b\xc3\xa9\xef\xbf\xbd");
+	free(c);
+	c = ib_http_utf8_clean("abc\xc3\xa9", 4); /* max cuts the character: replaced, not split */
+	ASSERT_STR_EQ(c, "abc\xef\xbf\xbd");
+	free(c);
+	c = ib_http_utf8_clean(NULL, 10);
+	ASSERT_STR_EQ(c, "");
+	free(c);
+	c = ib_connect_error_body(IB_CONNECT_INTERNAL, "bad \xff byte");
+	ASSERT_STR_CONTAINS(c, "\"message\":\"bad \xef\xbf\xbd byte\"");
+	free(c);
 }
 
 TEST(ranges)
