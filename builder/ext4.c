@@ -667,6 +667,18 @@ static int add_data(struct writer *w, const ib_layerfs_entry *e, off_t start, of
 	return 0;
 }
 
+struct add_ctx {
+	struct writer *w;
+	const ib_layerfs_entry *e;
+};
+
+static int add_segment(void *arg, off_t start, off_t end)
+{
+	struct add_ctx *ac = arg;
+
+	return add_data(ac->w, ac->e, start, end);
+}
+
 static int write_regular(struct writer *w, const ib_layerfs_entry *e, ext2_ino_t ino,
 			 union inode_buf *ib)
 {
@@ -674,33 +686,10 @@ static int write_regular(struct writer *w, const ib_layerfs_entry *e, ext2_ino_t
 	errcode_t code;
 	int err = 0;
 
-	w->nruns = 0;
-	if (size > 0 && (off_t)e->st.st_blocks * 512 >= size) {
-		err = add_data(w, e, 0, size);
-	} else if (size > 0) {
-		/* Fewer blocks than bytes: copy only the data, keep the holes. */
-		for (off_t pos = 0; !err && pos < size; ) {
-			off_t data = lseek(e->fd, pos, SEEK_DATA), hole;
+	struct add_ctx ac = { w, e };
 
-			if (data < 0 && errno == ENXIO)
-				break;
-			if (data < 0 && errno == EINVAL) {
-				err = add_data(w, e, pos, size);
-				break;
-			}
-			if (data >= 0)
-				hole = lseek(e->fd, data, SEEK_HOLE);
-			if (data < 0 || hole < 0)
-				return ib_error_set_errno(errno, "cannot find the data of '%s' in layer %zu",
-							  e->path, e->layer);
-			if (data >= size)
-				break;
-			if (hole > size)
-				hole = size;
-			err = add_data(w, e, data, hole);
-			pos = hole;
-		}
-	}
+	w->nruns = 0;
+	err = ib_layerfs_data_segments(e, add_segment, &ac, NULL);
 	if (err)
 		return err;
 	code = ext2fs_inode_size_set(w->fs, (struct ext2_inode *)&ib->in, (ext2_off64_t)size);

@@ -540,3 +540,40 @@ out:
 	free(w.valbuf);
 	return err;
 }
+
+int ib_layerfs_data_segments(const ib_layerfs_entry *e, ib_layerfs_segment_cb fn, void *arg, bool *out_holes)
+{
+	off_t size = e->st.st_size, pos = 0;
+	int err = 0;
+
+	if (out_holes)
+		*out_holes = false;
+	if (size == 0)
+		return 0;
+	if ((off_t)e->st.st_blocks * 512 >= size)
+		return fn(arg, 0, size);
+	while (!err && pos < size) {
+		off_t data = lseek(e->fd, pos, SEEK_DATA), hole = size;
+
+		if (data < 0 && errno == ENXIO)
+			break;
+		if (data < 0 && errno == EINVAL)
+			return fn(arg, pos, size); /* no hole support: the rest is data */
+		if (data >= 0)
+			hole = lseek(e->fd, data, SEEK_HOLE);
+		if (data < 0 || hole < 0)
+			return ib_error_set_errno(errno, "cannot find the data of '%s' in layer %zu", e->path,
+						  e->layer);
+		if (data >= size)
+			break;
+		if (hole > size)
+			hole = size;
+		if (out_holes)
+			*out_holes = true;
+		err = fn(arg, data, hole);
+		pos = hole;
+	}
+	if (out_holes && (pos != size || err))
+		*out_holes = true;
+	return err;
+}

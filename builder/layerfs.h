@@ -1,6 +1,7 @@
 #ifndef IB_LAYERFS_H
 #define IB_LAYERFS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/stat.h>
@@ -91,5 +92,14 @@ typedef struct ib_layerfs_ops {
  */
 int ib_layerfs_walk(const char *const *layers, size_t nlayers,
 		    const ib_layerfs_ops *ops, void *ctx);
+
+/*
+ * The data of a regular file entry, as segments [start, end) in order,
+ * holes left out (SEEK_DATA/SEEK_HOLE).  A file whose blocks cover its size,
+ * or on a file system without hole support, is one segment, and
+ * *out_holes (may be NULL) is false.  A negative return of fn stops it.
+ */
+typedef int (*ib_layerfs_segment_cb)(void *arg, off_t start, off_t end);
+int ib_layerfs_data_segments(const ib_layerfs_entry *e, ib_layerfs_segment_cb fn, void *arg, bool *out_holes);
 
 #endif

@@ -53,40 +53,23 @@ static int archive_fail(struct archive *a, const char *what, const char *path)
 			    archive_error_string(a) ? archive_error_string(a) : "unknown error");
 }
 
-/* The data segments of e, when it may have holes; false when it has none. */
+static int add_segment(void *arg, off_t start, off_t end)
+{
+	struct tar_writer *t = arg;
+
+	if (t->nsegs == t->segs_cap) {
+		t->segs_cap = t->segs_cap ? t->segs_cap * 2 : 16;
+		t->segs = ib_xrealloc(t->segs, t->segs_cap * sizeof(*t->segs));
+	}
+	t->segs[t->nsegs++] = (struct segment){ start, end };
+	return 0;
+}
+
+/* The data segments of e, when it has holes; *out_sparse false when it has none. */
 static int find_segments(struct tar_writer *t, bool *out_sparse, const ib_layerfs_entry *e)
 {
-	off_t size = e->st.st_size, pos = 0;
-
 	t->nsegs = 0;
-	*out_sparse = false;
-	if (size == 0 || (off_t)e->st.st_blocks * 512 >= size)
-		return 0;
-	while (pos < size) {
-		off_t data = lseek(e->fd, pos, SEEK_DATA), hole = size;
-
-		if (data < 0 && errno == ENXIO)
-			break;
-		if (data < 0 && errno == EINVAL)
-			return 0;	/* no hole support: the whole file is data */
-		if (data >= 0)
-			hole = lseek(e->fd, data, SEEK_HOLE);
-		if (data < 0 || hole < 0)
-			return ib_error_set_errno(errno, "cannot find the data of '%s' in layer %zu",
-						  e->path, e->layer);
-		if (data >= size)
-			break;
-		if (hole > size)
-			hole = size;
-		if (t->nsegs == t->segs_cap) {
-			t->segs_cap = t->segs_cap ? t->segs_cap * 2 : 16;
-			t->segs = ib_xrealloc(t->segs, t->segs_cap * sizeof(*t->segs));
-		}
-		t->segs[t->nsegs++] = (struct segment){ data, hole };
-		pos = hole;
-	}
-	*out_sparse = true;
-	return 0;
+	return ib_layerfs_data_segments(e, add_segment, t, out_sparse);
 }
 
 static int write_zeros(struct tar_writer *t, off_t len, const char *path)
