@@ -13,13 +13,6 @@
 #include "limits.h"
 #include "util.h"
 
-static pthread_once_t git_once = PTHREAD_ONCE_INIT;
-
-static void git_init(void)
-{
-	git_libgit2_init();
-}
-
 static int git_fail(const char *what, const char *subject)
 {
 	const git_error *e = git_error_last();
@@ -120,7 +113,8 @@ int ib_git_read_specs(ib_git_files *out, const char *cache_dir, const char *url,
 	ib_git_files files = { 0 };
 	int err = 0, lockfd = -1;
 
-	pthread_once(&git_once, git_init);
+	/* reference counted: the last shutdown frees libgit2's global and thread state */
+	git_libgit2_init();
 	ib_sha256_hex(hex, url, strlen(url));
 	path = ib_xasprintf("%s/%.16s.git", mirrors, hex);
 	lock = ib_xasprintf("%s/%.16s.lock", mirrors, hex);
@@ -183,6 +177,7 @@ out:
 	free(path);
 	free(lock);
 	free(prefix);
+	git_libgit2_shutdown();
 	if (err) {
 		ib_git_files_clear(&files);
 		return err;
