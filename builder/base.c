@@ -165,6 +165,8 @@ int ib_base_bootstrap(const ib_base *b, const char *target, const char *mirror, 
 		ib_strv_pushf(&argv, "--include=%s", b->include);
 	/* the caller moves the package lists into the shared apt cache */
 	ib_strv_push(&argv, "--skip=cleanup/apt/lists");
+	/* package descriptions in other languages: nobody reads them in a build */
+	ib_strv_push(&argv, "--aptopt=Acquire::Languages \"none\"");
 	ib_strv_push(&argv, b->suite);
 	ib_strv_push(&argv, target);
 	if (mirror && *mirror)
