@@ -12,7 +12,10 @@ out="$top/$BUILD/demo.ext4"
 work=$(mktemp -d /tmp/ib-demo.XXXXXX)
 server=""
 cleanup() {
-	[ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
+	if [ -n "$server" ]; then
+		kill "$server" 2>/dev/null || true
+		wait "$server" 2>/dev/null || true
+	fi
 	rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
