@@ -20,7 +20,7 @@ WARN += -Werror
 endif
 
 CFLAGS ?= -O2 -g
-ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -include builder/banned.h \
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -include lib/banned.h \
 	-I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lpthread
 ifneq ($(SANITIZE),)
@@ -28,7 +28,8 @@ ALL_CFLAGS += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=$(SANITIZE)
 endif
 
-LIB_SRC = $(sort $(wildcard builder/*.c steps/*.c cache/*.c))
+LIB_DIRS = lib steps spec layer cache builder server
+LIB_SRC = $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c)))
 CLI_SRC = $(sort $(wildcard cli/*.c))
 UNIT_SRC = $(sort $(wildcard tests/unit/test-*.c))
 
@@ -46,11 +47,11 @@ HOST_MACHINE := $(shell uname -m)
 INIT_MACHINES = x86_64 aarch64
 INIT_BINS = $(INIT_MACHINES:%=$(BUILD)/ib-init-%)
 init_cc = $(if $(filter $(1),$(HOST_MACHINE)),$(CC),$(1)-linux-gnu-gcc)
-INIT_CFLAGS = -static -Os -s -std=c11 -D_GNU_SOURCE $(WARN) -include builder/banned.h
+INIT_CFLAGS = -static -Os -s -std=c11 -D_GNU_SOURCE $(WARN) -include lib/banned.h
 
 all: $(BUILD)/imagebuilder $(INIT_BINS)
 
-$(BUILD)/ib-init-%: init/ib-init.c builder/banned.h
+$(BUILD)/ib-init-%: init/ib-init.c lib/banned.h
 	@mkdir -p $(dir $@)
 	$(call init_cc,$*) $(INIT_CFLAGS) -o $@ $<
 

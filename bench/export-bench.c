@@ -9,9 +9,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "builder/error.h"
-#include "builder/export.h"
-#include "builder/util.h"
+#include "lib/error.h"
+#include "layer/writer.h"
+#include "lib/util.h"
 
 #define BENCH_IMAGE_ID "5f1c9e2b7a0d43a8b6e4f0c2d9a7b3e18c4d2f6a0b9e7c5d3a1f8e6b4c2d0a97"
 #define BENCH_EPOCH 1700000000

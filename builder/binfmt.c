@@ -1,4 +1,4 @@
-#include "binfmt.h"
+#include "builder/binfmt.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -9,8 +9,8 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
-#include "error.h"
-#include "util.h"
+#include "lib/error.h"
+#include "lib/util.h"
 
 #define BINFMT_DIR "/proc/sys/fs/binfmt_misc"
 #define BINFMT_CONF_DIR "/usr/lib/binfmt.d"

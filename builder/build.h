@@ -1,19 +1,21 @@
 #ifndef IB_BUILD_H
 #define IB_BUILD_H
 
-#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "builder/config.h"
+#include "builder/runner.h"
 #include "cache/cache.h"
-#include "runner.h"
-#include "spec.h"
+#include "spec/plan.h"
 
-/* SOURCE_DATE_EPOCH when unset: 2023-06-10T00:00:00Z, Debian 12's release day. */
-#define IB_DEFAULT_EPOCH 1686355200LL
-
-/* The epoch in force: SOURCE_DATE_EPOCH if set and valid, else the default. */
-int ib_build_epoch(int64_t *out);
+/*
+ * A build: the plan of a spec (spec/plan.h) and what happened to each of
+ * its layers.  ib_build_new() plans (reading the base's definition and the
+ * python table), ib_build_run() builds or finds the image; other threads
+ * follow a running build through ib_build_status_get().
+ */
+typedef struct ib_build ib_build;
 
 typedef enum ib_layer_state {
 	IB_LAYER_PENDING,
@@ -23,55 +25,43 @@ typedef enum ib_layer_state {
 	IB_LAYER_FAILED,
 } ib_layer_state;
 
+/* "pending", "running", "cached", "done", "failed" */
 const char *ib_layer_state_name(ib_layer_state s);
 
-typedef struct ib_build_layer {
-	int index;
-	const char *kind;  /* "base", "python", "apt_install", ... (static) */
-	const ib_step *step; /* the spec's step; NULL for the base and python layers */
-	char key[IB_SHA256_HEX];
-	char *canonical;   /* canonical step (for a base: its definition) */
+/*
+ * Plan spec with cfg (both borrowed: they must outlive the build); nothing
+ * runs.  A python version the table lacks is IB_EINVALID.
+ */
+int ib_build_new(ib_build **out, const ib_spec *spec, const ib_config *cfg);
+void ib_build_free(ib_build *b);
+
+/* The plan: keys, kinds, image id.  Never changes. */
+const ib_plan *ib_build_plan(const ib_build *b);
+
+typedef struct ib_build_layer_status {
 	ib_layer_state state;
 	bool cached;
 	double seconds;
-} ib_build_layer;
+} ib_build_layer_status;
 
 /*
- * A build: the layers a spec needs, with their keys, and what happened to
- * each.  Made by ib_build_plan(), filled by ib_build_run().
+ * A snapshot of a build's results, consistent at one moment, for the
+ * reader to keep: layers[] parallels the plan's layers.
  */
-typedef struct ib_build {
-	/*
-	 * Guards the results below (layer states and seconds, cached,
-	 * ext4_*, failed_layer, error, log_tail) for readers on other
-	 * threads; the plan (keys, kinds) never changes after ib_build_plan.
-	 */
-	pthread_mutex_t mu;
-	const ib_spec *spec; /* borrowed */
-	char *arch;          /* Debian architecture of the base */
-	char *machine;       /* its uname -m: "x86_64", "aarch64" */
-	struct ib_python_pin *python; /* the pinned python, or NULL */
-	int64_t epoch;
-	char image_id[IB_SHA256_HEX];
+typedef struct ib_build_status {
 	size_t nlayers;
-	ib_build_layer *layers;
-	json_t *env;         /* the image's env: every env step merged in order */
-	/* results */
-	bool cached;         /* the image was in the cache already */
-	char ext4_sha256[IB_SHA256_HEX];
+	ib_build_layer_status *layers;
+	bool cached;                      /* the image was in the cache already */
+	char ext4_sha256[IB_SHA256_HEX];  /* "" until exported */
 	uint64_t ext4_bytes;
-	int failed_layer;    /* -1 when none */
-	char *error;         /* message when the build failed */
-	char *log_tail;      /* the end of the failing step's output */
-} ib_build;
+	int failed_layer;                 /* -1 when none */
+	char *error;                      /* NULL unless the build failed */
+	char *log_tail;                   /* the end of the failing step's output, or NULL */
+} ib_build_status;
 
-/* Hold mu to read a running build's results from another thread. */
-void ib_build_lock(ib_build *b);
-void ib_build_unlock(ib_build *b);
-
-/* Compute keys and the image id for spec (nothing runs). */
-int ib_build_plan(ib_build **out, const ib_spec *spec);
-void ib_build_free(ib_build *b);
+/* Take a snapshot (any thread, any time); release it with ib_build_status_clear(). */
+void ib_build_status_get(ib_build *b, ib_build_status *out);
+void ib_build_status_clear(ib_build_status *s);
 
 typedef struct ib_build_opts {
 	bool force;              /* rebuild every step's layer (not the base) even when cached */
@@ -81,28 +71,15 @@ typedef struct ib_build_opts {
 	ib_output_cb progress;   /* progress lines and step output, or NULL */
 	void *progress_arg;
 	volatile int *cancel;    /* set non-zero to cancel */
-	const char *apt_mirror;  /* NULL: the host's apt sources */
-	const char *pip_index_url;
 	const ib_runner_ops *runner; /* NULL: the namespace runner */
 } ib_build_opts;
 
 /*
  * Build (or find) the image.  Returns 0, IB_ETIMEOUT, IB_ECANCELED or
- * IB_ERROR; b->error and b->failed_layer say what failed.  Whatever
+ * IB_ERROR; the status's error and failed_layer say what failed.  Whatever
  * happens, the cache is left as sound as before: only complete layers are
- * committed.
+ * committed.  Run a build once.
  */
 int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts);
-
-/* The image.json document for a planned build (owned by the caller). */
-char *ib_build_image_json(const ib_build *b);
-
-/*
- * Export an image from its layers: ext4 (tar == false) or tar.  Adds the
- * metadata layer (/etc/imagebuilder/image.json, /etc/environment, and the
- * init when the image has none).  *out_meta (may be NULL) receives the
- * image.json the image holds (with the "init" it got).
- */
-int ib_build_export(ib_cache *cache, const ib_image_info *img, const char *out_path, bool tar, char **out_meta);
 
 #endif

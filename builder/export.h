@@ -1,33 +1,37 @@
 #ifndef IB_EXPORT_H
 #define IB_EXPORT_H
 
-#include <stddef.h>
-#include <stdint.h>
+#include <stdbool.h>
+
+#include "builder/config.h"
+#include "cache/cache.h"
+#include "layer/meta.h"
+#include "spec/plan.h"
 
 /*
- * Exporting a layer stack.  layers[] are directories, bottom first; each is
- * an overlayfs upper directory: a whiteout (character device 0:0) hides the
- * path below it, a directory with xattr trusted.overlay.opaque="y" hides
- * everything below it in lower layers.  The merged view is written
- * directly, without a flattened copy and without mounting anything.
+ * Exporting an image from the cache: its layers, merged, under a metadata
+ * layer that adds /etc/imagebuilder/image.json, the env steps' variables
+ * in /etc/environment, and imagebuilder's init at /sbin/init when the
+ * image has no init of its own (static, built beside the program as
+ * ib-init-<machine>, else installed in /usr/lib/imagebuilder).  Which init
+ * an image got is recorded in image.json ("init": "image", or
+ * "imagebuilder:<sha256 of the binary>").
  */
 
-typedef struct ib_export_opts {
-	const char *image_id; /* 64 hex digits: UUID and hash seed derive from it */
-	int64_t epoch;        /* every timestamp is clamped to this (SOURCE_DATE_EPOCH) */
-} ib_export_opts;
+/* The metadata of a planned image, as the export completes it (init not yet set). */
+ib_image_meta *ib_export_meta_of_plan(const ib_plan *plan);
 
 /*
- * Write a raw ext4 image (no partition table) to out_path, replacing it.
- * Sized to the content plus headroom (see ext4.c), sparse, e2fsck clean,
- * the same bytes for the same layers and options.  *out_bytes (may be NULL)
- * receives the image's apparent size.
+ * Write img as ext4 (tar false) or tar to out_path.  Its layers are held
+ * (shared locks) while they are read, so gc leaves them alone.  *out_meta
+ * (may be NULL) receives the metadata the image holds, with its init.  An
+ * image recorded with another init than this program's is refused (build
+ * it again to export it afresh).
  */
-int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayers,
-		  const ib_export_opts *opts, uint64_t *out_bytes);
+int ib_export_image(ib_cache *cache, const ib_config *cfg, const ib_image_info *img, const char *out_path,
+		    bool tar, ib_image_meta **out_meta);
 
-/* Write the merged tree as a tar (pax, sorted, numeric owners, clamped times). */
-int ib_tar_write(const char *out_path, const char *const *layers, size_t nlayers,
-		 const ib_export_opts *opts);
+/* Was the cached image exported with an init other than the one this program installs? */
+bool ib_export_init_stale(const ib_config *cfg, const ib_image_meta *meta);
 
 #endif

@@ -1,4 +1,4 @@
-#include "fetch.h"
+#include "builder/fetch.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -8,7 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "util.h"
+#include "lib/util.h"
 
 #define FETCH_ATTEMPTS 4
 #define FETCH_CONNECT_TIMEOUT 30L

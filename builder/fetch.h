@@ -1,7 +1,7 @@
 #ifndef IB_FETCH_H
 #define IB_FETCH_H
 
-#include "hash.h"
+#include "lib/hash.h"
 
 /*
  * Downloads with libcurl.  Transient failures (connection refused or reset,

@@ -1,4 +1,4 @@
-#include "gitsrc.h"
+#include "builder/gitsrc.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -9,9 +9,9 @@
 #include <sys/file.h>
 #include <unistd.h>
 
-#include "hash.h"
-#include "limits.h"
-#include "util.h"
+#include "lib/hash.h"
+#include "lib/limits.h"
+#include "lib/util.h"
 
 static int git_fail(const char *what, const char *subject)
 {

@@ -1,4 +1,4 @@
-#include "proc.h"
+#include "builder/proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -11,7 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "util.h"
+#include "lib/util.h"
 
 static void __attribute__((noreturn)) exec_child(const char *const *argv, const ib_proc_opts *opts, int out_w)
 {

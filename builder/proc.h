@@ -1,7 +1,7 @@
 #ifndef IB_PROC_H
 #define IB_PROC_H
 
-#include "runner.h"
+#include "lib/util.h"
 
 /*
  * Run a host program (mmdebstrap, e2fsck) with its output passed to a

@@ -1,100 +1,28 @@
-#include "python.h"
+#include "builder/python.h"
 
 #include <archive.h>
 #include <archive_entry.h>
 #include <errno.h>
-#include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "base.h"
-#include "util.h"
+#include "lib/limits.h"
+#include "lib/util.h"
 
-static char *table_path(void)
+int ib_python_resolve(ib_python_pin *out, const ib_config *cfg, const char *version, const char *machine)
 {
-	const char *env = getenv("IMAGEBUILDER_PYTHON_VERSIONS");
+	char *json = NULL;
+	size_t len = 0;
+	int err;
 
-	if (env && *env)
-		return ib_xstrdup(env);
-	return ib_xasprintf("%s/python-versions.json", ib_base_dir());
-}
-
-static bool hex64(const char *s)
-{
-	return s && strlen(s) == 64 && ib_is_hex64(s);
-}
-
-int ib_python_resolve(ib_python_pin *out, const char *version, const char *machine)
-{
-	char *path = table_path();
-	json_t *doc = NULL, *ent, *sha;
-	json_error_t jerr;
-	const char *release, *digest, *mirror = getenv("IMAGEBUILDER_PYTHON_MIRROR");
-	ib_python_pin pin = { 0 };
-	int err = 0;
-
-	doc = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
-	if (!json_is_object(doc)) {
-		err = ib_error_set("cannot load the python version table '%s': %s", path,
-				   doc ? "not an object" : jerr.text);
-		goto out;
-	}
-	ent = json_object_get(doc, version);
-	if (!ent) {
-		ib_buf known = IB_BUF_INIT;
-		const char *k;
-		json_t *v;
-		json_object_foreach(doc, k, v) {
-			(void)v;
-			ib_buf_printf(&known, "%s%s", known.len ? ", " : "", k);
-		}
-		ib_error_set("python_version: '%s' is not in the python version table '%s'; known: %s", version,
-			     path, known.len ? known.ptr : "none");
-		ib_buf_free(&known);
-		err = IB_EINVALID;
-		goto out;
-	}
-	release = json_string_value(json_object_get(ent, "release"));
-	sha = json_object_get(ent, "sha256");
-	digest = json_string_value(json_object_get(sha, machine));
-	if (!release || !*release || strpbrk(release, "/ ") || !json_is_object(sha)) {
-		err = ib_error_set("python version table '%s': entry '%s' needs \"release\" and \"sha256\"", path,
-				   version);
-		goto out;
-	}
-	if (!digest) {
-		ib_error_set("python_version: '%s' has no archive for %s in '%s'", version, machine, path);
-		err = IB_EINVALID;
-		goto out;
-	}
-	if (!hex64(digest)) {
-		err = ib_error_set("python version table '%s': '%s' %s digest is not 64 lowercase hex digits", path,
-				   version, machine);
-		goto out;
-	}
-	snprintf(pin.version, sizeof(pin.version), "%s", version);
-	snprintf(pin.release, sizeof(pin.release), "%s", release);
-	snprintf(pin.machine, sizeof(pin.machine), "%s", machine);
-	snprintf(pin.sha256, sizeof(pin.sha256), "%s", digest);
-	if (!mirror || !*mirror)
-		mirror = IB_PYTHON_MIRROR_DEFAULT;
-	pin.url = ib_xasprintf("%s%s%s/cpython-%s+%s-%s-unknown-linux-gnu-install_only.tar.gz", mirror,
-			       mirror[strlen(mirror) - 1] == '/' ? "" : "/", release, version, release, machine);
-	*out = pin;
-out:
-	json_decref(doc);
-	free(path);
+	if ((err = ib_read_file(&json, &len, cfg->python_versions, IB_DEFINITION_MAX)) < 0)
+		ib_error_prefix("cannot load the python version table '%s'", cfg->python_versions);
+	else
+		err = ib_pytable_lookup(out, json, len, cfg->python_versions, version, machine, cfg->python_mirror);
+	free(json);
 	return err;
-}
-
-void ib_python_pin_clear(ib_python_pin *pin)
-{
-	if (!pin)
-		return;
-	free(pin->url);
-	memset(pin, 0, sizeof(*pin));
 }
 
 int ib_python_fetch(char **out_path, ib_cache *cache, const ib_python_pin *pin, const ib_fetch_opts *opts)

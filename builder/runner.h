@@ -3,6 +3,7 @@
 
 #include <stddef.h>
 
+#include "lib/util.h"
 #include "steps/step.h"
 
 /*
@@ -11,9 +12,6 @@
  * (sandbox.c) is the one in use; a throwaway-VM runner implements the same
  * ops later.
  */
-
-/* Called with each chunk of the commands' combined output. */
-typedef void (*ib_output_cb)(const char *data, size_t len, void *arg);
 
 typedef struct ib_run_req {
 	const char *const *lowers; /* layer directories, bottom first */

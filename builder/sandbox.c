@@ -14,7 +14,7 @@
  * kernel kills everything else in a PID namespace whose first process has
  * exited, so a timeout or a cancel ends the whole step, daemons included.
  */
-#include "runner.h"
+#include "builder/runner.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -31,7 +31,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "util.h"
+#include "lib/util.h"
 
 #define SANDBOX_HOSTNAME "imagebuilder"
 

@@ -6,7 +6,7 @@
 #include <pthread.h>
 #include <sqlite3.h>
 
-#include "cache.h"
+#include "cache/cache.h"
 
 struct ib_cache {
 	char *dir;

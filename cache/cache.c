@@ -1,4 +1,4 @@
-#include "cache-internal.h"
+#include "cache/cache-internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -13,7 +13,8 @@
 #include <dirent.h>
 #include <stdarg.h>
 
-#include "builder/util.h"
+#include "layer/tree.h"
+#include "lib/util.h"
 
 
 /*
@@ -133,10 +134,14 @@ int ib_cache_open(ib_cache **out, const char *dir)
 	int err = 0;
 
 	c = ib_xcalloc(1, sizeof(*c));
-	c->dir = ib_xstrdup(dir);
 	pthread_mutex_init(&c->lock, NULL);
 	if ((err = ib_mkdir_p(dir, 0755)) < 0)
 		goto out;
+	if (!(c->dir = realpath(dir, NULL))) {
+		err = ib_error_set_errno(errno, "cannot resolve the cache dir '%s'", dir);
+		goto out;
+	}
+	dir = c->dir;
 	for (size_t i = 0; i < sizeof(subdirs) / sizeof(subdirs[0]); i++) {
 		free(path);
 		path = ib_xasprintf("%s/%s", dir, subdirs[i]);
@@ -182,11 +187,6 @@ void ib_cache_close(ib_cache *c)
 const char *ib_cache_dir(const ib_cache *c)
 {
 	return c->dir;
-}
-
-struct sqlite3 *ib_cache_db(ib_cache *c)
-{
-	return c->db;
 }
 
 char *ib_cache_layer_path(const ib_cache *c, const char *key)
@@ -547,7 +547,7 @@ void ib_image_info_clear(ib_image_info *info)
 {
 	if (!info)
 		return;
-	free(info->meta);
+	ib_image_meta_free(info->meta);
 	if (info->layers)
 		for (size_t i = 0; i < info->nlayers; i++)
 			free(info->layers[i]);
@@ -575,16 +575,20 @@ static int load_image_layers(ib_cache *c, ib_image_info *info)
 	return err;
 }
 
-static void image_from_row(ib_image_info *info, sqlite3_stmt *st)
+static int image_from_row(ib_image_info *info, sqlite3_stmt *st)
 {
+	int err;
+
 	memset(info, 0, sizeof(*info));
 	copy_col(info->id, sizeof(info->id), st, 0);
 	copy_col(info->top_key, sizeof(info->top_key), st, 1);
 	copy_col(info->arch, sizeof(info->arch), st, 2);
 	copy_col(info->ext4_sha256, sizeof(info->ext4_sha256), st, 3);
 	info->ext4_bytes = (uint64_t)sqlite3_column_int64(st, 4);
-	info->meta = ib_xstrdup((const char *)sqlite3_column_text(st, 5));
 	info->created = sqlite3_column_int64(st, 6);
+	if ((err = ib_image_meta_parse(&info->meta, (const char *)sqlite3_column_text(st, 5))) < 0)
+		ib_error_prefix("image '%s' in the cache index", info->id);
+	return err;
 }
 
 #define IMAGE_COLS "id, top_key, arch, ext4_sha256, ext4_bytes, meta, created"
@@ -615,8 +619,7 @@ int ib_cache_image_get(ib_cache *c, const char *id, ib_image_info *info)
 		goto out;
 	ret = 1;
 	if (info) {
-		image_from_row(&tmp, st);
-		if ((ret = load_image_layers(c, &tmp)) < 0) {
+		if ((ret = image_from_row(&tmp, st)) < 0 || (ret = load_image_layers(c, &tmp)) < 0) {
 			ib_image_info_clear(&tmp);
 			goto out;
 		}
@@ -634,6 +637,7 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 {
 	char *path = ib_cache_image_path(c, info->id);
 	char *images = ib_xasprintf("%s/images", c->dir);
+	char *meta = ib_image_meta_dump(info->meta);
 	sqlite3_stmt *st = NULL;
 	int err = 0, in_tx = 0;
 	int64_t now = (int64_t)time(NULL);
@@ -669,7 +673,7 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 	sqlite3_bind_text(st, 3, info->arch, -1, SQLITE_STATIC);
 	sqlite3_bind_text(st, 4, info->ext4_sha256, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(st, 5, (sqlite3_int64)info->ext4_bytes);
-	sqlite3_bind_text(st, 6, info->meta, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 6, meta, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(st, 7, now);
 	sqlite3_bind_int64(st, 8, now);
 	if (sqlite3_step(st) != SQLITE_DONE) {
@@ -712,6 +716,7 @@ out:
 		unlink(path);
 	pthread_mutex_unlock(&c->lock);
 out_nolock:
+	free(meta);
 	free(path);
 	free(images);
 	return err;
@@ -871,8 +876,9 @@ int ib_cache_images_foreach(ib_cache *c, ib_cache_image_cb cb, void *arg)
 	}
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
 		rows = ib_xrealloc(rows, (n + 1) * sizeof(*rows));
-		image_from_row(&rows[n], st);
-		if ((err = load_image_layers(c, &rows[n++])) < 0)
+		err = image_from_row(&rows[n], st);
+		n++;
+		if (err < 0 || (err = load_image_layers(c, &rows[n - 1])) < 0)
 			break;
 	}
 	if (!err && rc != SQLITE_DONE)

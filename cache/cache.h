@@ -4,7 +4,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "builder/hash.h"
+#include "layer/meta.h"
+#include "lib/hash.h"
 
 /*
  * The cache: a sqlite index (WAL) beside a content store.
@@ -17,6 +18,8 @@
  *                           other process using the same DIR
  *   DIR/logs/<build>.log    build logs
  *   DIR/apt/<arch>/         apt lists, archives and binary caches shared by apt steps
+ *   DIR/downloads/          python archives, one per digest
+ *   DIR/git/                bare mirrors of the repositories warm reads specs from
  *
  * Invariant: a row exists only for data that is complete and was verified
  * when committed; files are renamed into place before their row is
@@ -24,7 +27,13 @@
  */
 typedef struct ib_cache ib_cache;
 
-/* Open (creating when missing) the cache in dir. */
+/*
+ * Open (creating when missing) the cache in dir.  A relative dir is taken
+ * from the current directory once, here: the cache works with its absolute
+ * path from then on (mounts and children need one).  The index's schema,
+ * with its migrations, is in cache.c, also for tables that other modules
+ * keep there (the service's build records).
+ */
 int ib_cache_open(ib_cache **out, const char *dir);
 void ib_cache_close(ib_cache *cache);
 
@@ -120,7 +129,7 @@ typedef struct ib_image_info {
 	uint64_t ext4_bytes;
 	char arch[16];
 	int64_t created;
-	char *meta;   /* image.json document (owned) */
+	ib_image_meta *meta; /* image.json, parsed (owned) */
 	char **layers; /* keys bottom first, NULL-terminated (owned) */
 	size_t nlayers;
 } ib_image_info;
@@ -197,21 +206,5 @@ int ib_cache_verify(ib_cache *cache, ib_cache_report_cb report, void *arg, unsig
 
 /* Remove scratch directories left by builds that died (called on open by builders). */
 int ib_cache_clean_tmp(ib_cache *cache);
-
-/* The raw sqlite handle, for modules that keep their own tables (builds). */
-struct sqlite3 *ib_cache_db(ib_cache *cache);
-
-/*
- * Tree walking on a layer directory.
- *
- * ib_tree_normalise(): make a finished upper dir reproducible: strip
- * overlayfs bookkeeping xattrs (keeping opaque markers), clamp every
- * timestamp to epoch.
- *
- * ib_tree_digest(): SHA-256 over a sorted walk (names, types, modes,
- * owners, sizes, mtimes, device numbers, link targets, xattrs, contents).
- */
-int ib_tree_normalise(const char *dir, int64_t epoch);
-int ib_tree_digest(char hex[IB_SHA256_HEX], const char *dir, uint64_t *out_bytes, uint64_t *out_files);
 
 #endif

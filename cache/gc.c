@@ -6,8 +6,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "builder/util.h"
-#include "cache-internal.h"
+#include "cache/cache-internal.h"
+#include "lib/util.h"
 
 struct gc_image {
 	char id[IB_SHA256_HEX];

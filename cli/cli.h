@@ -1,6 +1,7 @@
 #ifndef IB_CLI_H
 #define IB_CLI_H
 
+#include "builder/config.h"
 #include "cache/cache.h"
 
 /* Exit statuses (CONTRACT section 3). */
@@ -8,23 +9,26 @@
 #define EXIT_FAIL 1
 #define EXIT_USAGE 2
 
-/* Each command: cmd_<name>(argc, argv), argv[0] being the command name. */
-int cmd_build(int argc, char **argv);
-int cmd_export(int argc, char **argv);
-int cmd_inspect(int argc, char **argv);
-int cmd_ls(int argc, char **argv);
-int cmd_cache(int argc, char **argv);
-int cmd_serve(int argc, char **argv);
-int cmd_gc(int argc, char **argv);
-int cmd_warm(int argc, char **argv);
+/*
+ * Each command: cmd_<name>(argc, argv, cfg), argv[0] being the command
+ * name, cfg the configuration from the environment, which the command's
+ * options (--cache-dir ...) override.
+ */
+int cmd_build(int argc, char **argv, ib_config *cfg);
+int cmd_export(int argc, char **argv, ib_config *cfg);
+int cmd_inspect(int argc, char **argv, ib_config *cfg);
+int cmd_ls(int argc, char **argv, ib_config *cfg);
+int cmd_cache(int argc, char **argv, ib_config *cfg);
+int cmd_serve(int argc, char **argv, ib_config *cfg);
+int cmd_gc(int argc, char **argv, ib_config *cfg);
+int cmd_warm(int argc, char **argv, ib_config *cfg);
 
 /* Report an error once, git-style: "imagebuilder: <msg>". */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int cli_usage(const char *usage);
 
-/* The cache dir from --cache-dir, $IMAGEBUILDER_CACHE_DIR, or the default. */
-const char *cli_cache_dir(const char *opt);
-int cli_open_cache(ib_cache **out, const char *opt);
+/* Open cfg's cache dir (reporting failure). */
+int cli_open_cache(ib_cache **out, const ib_config *cfg);
 
 /* Find an image by id or unique prefix (at least 8 hex digits); fills id. */
 int cli_resolve_image(ib_cache *cache, const char *arg, char id[65]);

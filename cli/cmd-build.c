@@ -10,10 +10,10 @@
 #include <unistd.h>
 
 #include "builder/build.h"
-#include "builder/limits.h"
-#include "builder/server-http.h"
-#include "builder/util.h"
-#include "cli.h"
+#include "lib/limits.h"
+#include "server/httputil.h"
+#include "lib/util.h"
+#include "cli/cli.h"
 
 static const char build_usage[] = "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S]";
 
@@ -41,41 +41,46 @@ static const char *status_of(int err)
 	}
 }
 
-static void print_json(const ib_build *b, int err, const char *output, const char *log_path)
+static void print_json(ib_build *b, int err, const char *output, const char *log_path)
 {
+	const ib_plan *plan = ib_build_plan(b);
 	json_t *doc = json_object(), *layers = json_array();
+	ib_build_status st;
 	char *s;
 
-	for (size_t i = 0; i < b->nlayers; i++) {
-		const ib_build_layer *l = &b->layers[i];
+	ib_build_status_get(b, &st);
+	for (size_t i = 0; i < plan->nlayers; i++) {
+		const ib_build_layer_status *l = &st.layers[i];
 		json_array_append_new(layers, json_pack("{s:i, s:s, s:s, s:b, s:f, s:s}", "index", (int)i, "kind",
-							l->kind, "key", l->key, "cached", l->cached, "seconds",
-							l->seconds, "state", ib_layer_state_name(l->state)));
+							plan->layers[i].kind, "key", plan->layers[i].key, "cached",
+							l->cached, "seconds", l->seconds, "state",
+							ib_layer_state_name(l->state)));
 	}
-	json_object_set_new(doc, "image_id", json_string(b->image_id));
+	json_object_set_new(doc, "image_id", json_string(plan->image_id));
 	json_object_set_new(doc, "status", json_string(status_of(err)));
-	json_object_set_new(doc, "cached", json_boolean(b->cached));
+	json_object_set_new(doc, "cached", json_boolean(st.cached));
 	json_object_set_new(doc, "output", output && !err ? json_string(output) : json_null());
-	json_object_set_new(doc, "ext4_sha256", err ? json_null() : json_string(b->ext4_sha256));
-	json_object_set_new(doc, "ext4_bytes", err ? json_null() : json_integer((json_int_t)b->ext4_bytes));
+	json_object_set_new(doc, "ext4_sha256", err ? json_null() : json_string(st.ext4_sha256));
+	json_object_set_new(doc, "ext4_bytes", err ? json_null() : json_integer((json_int_t)st.ext4_bytes));
 	json_object_set_new(doc, "layers", layers);
 	json_object_set_new(doc, "log", log_path ? json_string(log_path) : json_null());
 	if (err) {
 		/* a log tail may cut a character in two, and the output is anyone's bytes */
-		char *msg = ib_http_utf8_clean(b->error ? b->error : "", IB_ERROR_MAX);
-		char *tail = ib_http_utf8_clean(b->log_tail ? b->log_tail : "", IB_LOG_TAIL_MAX);
+		char *msg = ib_http_utf8_clean(st.error ? st.error : "", IB_ERROR_MAX);
+		char *tail = ib_http_utf8_clean(st.log_tail ? st.log_tail : "", IB_LOG_TAIL_MAX);
 		json_object_set_new(doc, "error",
-				    json_pack("{s:i, s:s, s:s}", "step", b->failed_layer, "message", msg, "log_tail", tail));
+				    json_pack("{s:i, s:s, s:s}", "step", st.failed_layer, "message", msg, "log_tail", tail));
 		free(msg);
 		free(tail);
 	}
+	ib_build_status_clear(&st);
 	s = json_dumps(doc, JSON_COMPACT);
 	puts(s);
 	free(s);
 	json_decref(doc);
 }
 
-int cmd_build(int argc, char **argv)
+int cmd_build(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "output", required_argument, NULL, 'o' },
@@ -85,7 +90,7 @@ int cmd_build(int argc, char **argv)
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *output = NULL, *cache_dir = NULL, *spec_path;
+	const char *output = NULL, *spec_path;
 	ib_build_opts opts = { .log_fd = -1 };
 	ib_cache *cache = NULL;
 	ib_spec *spec = NULL;
@@ -102,7 +107,7 @@ int cmd_build(int argc, char **argv)
 		case 'o': output = optarg; break;
 		case 'j': json = 1; break;
 		case 'f': force = 1; break;
-		case 'C': cache_dir = optarg; break;
+		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
 		case 't':
 			if (ib_parse_u64(&timeout, optarg, IB_TIMEOUT_MAX) < 0 || timeout == 0) {
 				cli_error("--timeout: %s", timeout == 0 ? "must be a positive number of seconds"
@@ -127,12 +132,12 @@ int cmd_build(int argc, char **argv)
 		ret = err == IB_EINVALID ? EXIT_USAGE : EXIT_FAIL;
 		goto out;
 	}
-	if ((err = ib_build_plan(&b, spec)) < 0) {
+	if ((err = ib_build_new(&b, spec, cfg)) < 0) {
 		cli_error("%s", ib_error_last());
 		ret = err == IB_EINVALID ? EXIT_USAGE : EXIT_FAIL;
 		goto out;
 	}
-	if (cli_open_cache(&cache, cache_dir) < 0)
+	if (cli_open_cache(&cache, cfg) < 0)
 		goto out;
 	ib_cache_clean_tmp(cache);
 
@@ -142,7 +147,7 @@ int cmd_build(int argc, char **argv)
 		struct tm tm;
 		gmtime_r(&now, &tm);
 		strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", &tm);
-		log_path = ib_xasprintf("%s/logs/%s-%.12s-%ld.log", ib_cache_dir(cache), stamp, b->image_id,
+		log_path = ib_xasprintf("%s/logs/%s-%.12s-%ld.log", ib_cache_dir(cache), stamp, ib_build_plan(b)->image_id,
 					(long)getpid());
 	}
 	opts.log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
@@ -155,10 +160,6 @@ int cmd_build(int argc, char **argv)
 	opts.output = output;
 	opts.progress = to_stderr;
 	opts.cancel = &cancel_flag;
-	opts.apt_mirror = getenv("IMAGEBUILDER_APT_MIRROR");
-	opts.pip_index_url = getenv("IMAGEBUILDER_PIP_INDEX_URL");
-	if (opts.pip_index_url && !*opts.pip_index_url)
-		opts.pip_index_url = NULL;
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGHUP, &sa, NULL);
@@ -167,13 +168,16 @@ int cmd_build(int argc, char **argv)
 	if (json)
 		print_json(b, err, output, log_path);
 	else if (!err)
-		puts(b->image_id);
+		puts(ib_build_plan(b)->image_id);
 	if (err) {
-		cli_error("build %s: %s", status_of(err), b->error ? b->error : ib_error_last());
-		if (b->log_tail && *b->log_tail && !json) {
+		ib_build_status st;
+		ib_build_status_get(b, &st);
+		cli_error("build %s: %s", status_of(err), st.error ? st.error : ib_error_last());
+		if (st.log_tail && *st.log_tail && !json) {
 			/* the step's output was streamed already; point at the full log */
 			fprintf(stderr, "imagebuilder: full log: %s\n", log_path);
 		}
+		ib_build_status_clear(&st);
 		goto out;
 	}
 	ret = EXIT_OK;

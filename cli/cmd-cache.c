@@ -2,8 +2,8 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "builder/util.h"
-#include "cli.h"
+#include "lib/util.h"
+#include "cli/cli.h"
 
 static void report(const char *what, const char *msg, bool problem, void *arg)
 {
@@ -11,13 +11,12 @@ static void report(const char *what, const char *msg, bool problem, void *arg)
 	fprintf(problem ? stdout : stderr, "%s %s: %s\n", problem ? "BAD " : "note", what, msg);
 }
 
-int cmd_cache(int argc, char **argv)
+int cmd_cache(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *cache_dir = NULL;
 	ib_cache *cache = NULL;
 	unsigned problems = 0;
 	int c, ret = EXIT_FAIL;
@@ -26,11 +25,11 @@ int cmd_cache(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		if (c != 'C')
 			return cli_usage("cache verify");
-		cache_dir = optarg;
+		ib_config_set(&cfg->cache_dir, optarg);
 	}
 	if (optind != argc - 1 || strcmp(argv[optind], "verify"))
 		return cli_usage("cache verify");
-	if (cli_open_cache(&cache, cache_dir) < 0)
+	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
 	if (ib_cache_verify(cache, report, NULL, &problems) < 0) {
 		cli_error("%s", ib_error_last());

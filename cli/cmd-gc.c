@@ -3,8 +3,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "builder/util.h"
-#include "cli.h"
+#include "lib/util.h"
+#include "cli/cli.h"
 
 static const char gc_usage[] = "gc [--max-bytes N[K|M|G]] [--keep-days D] [--dry-run]";
 
@@ -47,7 +47,7 @@ static void report(const char *what, const char *id, uint64_t bytes, int64_t las
 	       (unsigned long long)bytes, when);
 }
 
-int cmd_gc(int argc, char **argv)
+int cmd_gc(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "max-bytes", required_argument, NULL, 'm' },
@@ -58,7 +58,6 @@ int cmd_gc(int argc, char **argv)
 	};
 	ib_gc_opts opts = { .keep_days = -1 };
 	ib_gc_result res = { 0 };
-	const char *cache_dir = NULL;
 	ib_cache *cache = NULL;
 	int c, dry = 0, ret = EXIT_FAIL;
 	uint64_t days;
@@ -81,7 +80,7 @@ int cmd_gc(int argc, char **argv)
 			opts.keep_days = (int64_t)days;
 			break;
 		case 'n': dry = 1; break;
-		case 'C': cache_dir = optarg; break;
+		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
 		default: return cli_usage(gc_usage);
 		}
 	}
@@ -91,7 +90,7 @@ int cmd_gc(int argc, char **argv)
 		return cli_usage(gc_usage);
 	}
 	opts.dry_run = dry;
-	if (cli_open_cache(&cache, cache_dir) < 0)
+	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
 	ib_cache_clean_tmp(cache);
 	if (ib_cache_gc(cache, &opts, report, &dry, &res) < 0) {

@@ -5,13 +5,13 @@
 #include <string.h>
 #include <time.h>
 
-#include "builder/build.h"
-#include "builder/util.h"
-#include "cli.h"
+#include "builder/export.h"
+#include "lib/util.h"
+#include "cli/cli.h"
 
 static const char export_usage[] = "export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar)";
 
-int cmd_export(int argc, char **argv)
+int cmd_export(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "output", required_argument, NULL, 'o' },
@@ -20,7 +20,7 @@ int cmd_export(int argc, char **argv)
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *output = NULL, *tar = NULL, *cache_dir = NULL;
+	const char *output = NULL, *tar = NULL;
 	ib_image_info img = { 0 };
 	ib_cache *cache = NULL;
 	char id[65];
@@ -32,13 +32,13 @@ int cmd_export(int argc, char **argv)
 		case 'o': output = optarg; break;
 		case 'T': tar = optarg; break;
 		case 'L': from_layers = 1; break;
-		case 'C': cache_dir = optarg; break;
+		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
 		default: return cli_usage(export_usage);
 		}
 	}
 	if (optind != argc - 1 || (!output == !tar))
 		return cli_usage(export_usage);
-	if (cli_open_cache(&cache, cache_dir) < 0)
+	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
 	if ((err = cli_resolve_image(cache, argv[optind], id)) < 0) {
 		cli_error("%s", ib_error_last());
@@ -50,14 +50,14 @@ int cmd_export(int argc, char **argv)
 		goto out;
 	}
 	if (output && from_layers) {
-		err = ib_build_export(cache, &img, output, false, NULL);
+		err = ib_export_image(cache, cfg, &img, output, false, NULL);
 	} else if (output) {
 		/* The exported ext4 is kept in the cache: copy it, holes and all. */
 		char *src = ib_cache_image_path(cache, id);
 		err = ib_copy_sparse(src, output, 0644);
 		free(src);
 	} else {
-		err = ib_build_export(cache, &img, tar, true, NULL);
+		err = ib_export_image(cache, cfg, &img, tar, true, NULL);
 	}
 	if (err < 0) {
 		cli_error("%s", ib_error_last());
@@ -80,13 +80,11 @@ static int source_cb(const char *source, const char *commit, const char *path, i
 
 static json_t *image_doc(ib_cache *cache, const ib_image_info *img)
 {
-	json_t *doc = json_loads(img->meta, 0, NULL);
+	json_t *doc = ib_image_meta_json(img->meta);
 	char created[32];
 	time_t t = (time_t)img->created;
 	struct tm tm;
 
-	if (!doc)
-		doc = json_object();
 	gmtime_r(&t, &tm);
 	strftime(created, sizeof(created), "%Y-%m-%dT%H:%M:%SZ", &tm);
 	json_object_set_new(doc, "ext4_sha256", json_string(img->ext4_sha256));
@@ -98,13 +96,12 @@ static json_t *image_doc(ib_cache *cache, const ib_image_info *img)
 	return doc;
 }
 
-int cmd_inspect(int argc, char **argv)
+int cmd_inspect(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *cache_dir = NULL;
 	ib_image_info img = { 0 };
 	ib_cache *cache = NULL;
 	char id[65], *s;
@@ -115,11 +112,11 @@ int cmd_inspect(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		if (c != 'C')
 			return cli_usage("inspect IMAGE_ID");
-		cache_dir = optarg;
+		ib_config_set(&cfg->cache_dir, optarg);
 	}
 	if (optind != argc - 1)
 		return cli_usage("inspect IMAGE_ID");
-	if (cli_open_cache(&cache, cache_dir) < 0)
+	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
 	if ((err = cli_resolve_image(cache, argv[optind], id)) < 0) {
 		cli_error("%s", ib_error_last());
@@ -144,8 +141,7 @@ out:
 
 static int ls_cb(const ib_image_info *img, void *arg)
 {
-	json_t *doc = json_loads(img->meta, 0, NULL);
-	const char *base = json_string_value(json_object_get(doc, "base"));
+	const char *base = img->meta->base;
 	char created[32];
 	time_t t = (time_t)img->created;
 	struct tm tm;
@@ -155,17 +151,15 @@ static int ls_cb(const ib_image_info *img, void *arg)
 	strftime(created, sizeof(created), "%Y-%m-%dT%H:%M:%SZ", &tm);
 	printf("%s  %-6s  %10llu  %s  %s (%zu layers)\n", img->id, img->arch, (unsigned long long)img->ext4_bytes,
 	       created, base ? base : "?", img->nlayers);
-	json_decref(doc);
 	return 0;
 }
 
-int cmd_ls(int argc, char **argv)
+int cmd_ls(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *cache_dir = NULL;
 	ib_cache *cache = NULL;
 	int c, ret = EXIT_OK;
 
@@ -173,11 +167,11 @@ int cmd_ls(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		if (c != 'C')
 			return cli_usage("ls");
-		cache_dir = optarg;
+		ib_config_set(&cfg->cache_dir, optarg);
 	}
 	if (optind != argc)
 		return cli_usage("ls");
-	if (cli_open_cache(&cache, cache_dir) < 0)
+	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
 	if (ib_cache_images_foreach(cache, ls_cb, NULL) < 0) {
 		cli_error("%s", ib_error_last());

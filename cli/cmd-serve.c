@@ -20,10 +20,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "builder/limits.h"
-#include "builder/server.h"
-#include "builder/util.h"
-#include "cli.h"
+#include "lib/limits.h"
+#include "server/server.h"
+#include "lib/util.h"
+#include "cli/cli.h"
 
 static const char serve_usage[] =
 	"serve [--listen HOST:PORT] [--token-file F] [--jobs N] [--cancel-on-shutdown]\n"
@@ -153,7 +153,7 @@ static int wait_signal(int timeout)
 	}
 }
 
-int cmd_serve(int argc, char **argv)
+int cmd_serve(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "listen", required_argument, NULL, 'l' },
@@ -168,11 +168,11 @@ int cmd_serve(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	ib_server_opts opts = { .listen = DEFAULT_LISTEN, .log_fd = STDERR_FILENO };
-	const char *cache_dir = NULL, *token_file = NULL, *port_file = NULL;
+	const char *token_file = NULL, *port_file = NULL;
 	struct sigaction sa = { .sa_handler = on_signal }, sp = { .sa_handler = on_sigpipe };
 	ib_server *srv = NULL;
 	ib_cache *cache = NULL;
-	char *token = NULL, *abs_dir = NULL;
+	char *token = NULL;
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	int c, err, ret = EXIT_FAIL;
 
@@ -213,7 +213,7 @@ int cmd_serve(int argc, char **argv)
 			opts.public_url = optarg;
 			break;
 		case 'p': port_file = optarg; break;
-		case 'C': cache_dir = optarg; break;
+		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
 		default: return cli_usage(serve_usage);
 		}
 	}
@@ -224,12 +224,7 @@ int cmd_serve(int argc, char **argv)
 			return EXIT_USAGE;
 		opts.token = token;
 	}
-	opts.apt_mirror = getenv("IMAGEBUILDER_APT_MIRROR");
-	opts.pip_index_url = getenv("IMAGEBUILDER_PIP_INDEX_URL");
-	if (opts.apt_mirror && !*opts.apt_mirror)
-		opts.apt_mirror = NULL;
-	if (opts.pip_index_url && !*opts.pip_index_url)
-		opts.pip_index_url = NULL;
+	opts.cfg = cfg;
 
 	serve_pid = getpid();
 	if (pipe2(signal_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
@@ -245,19 +240,7 @@ int cmd_serve(int argc, char **argv)
 	sigaction(SIGPIPE, &sp, NULL);
 	raise_fd_limit();
 
-	/* Sandboxes mount paths under the cache dir: make it absolute. */
-	cache_dir = cli_cache_dir(cache_dir);
-	if (cache_dir[0] != '/') {
-		char *cwd = getcwd(NULL, 0);
-		if (!cwd) {
-			cli_error("cannot find the current directory: %s", strerror(errno));
-			goto out;
-		}
-		abs_dir = ib_xasprintf("%s/%s", cwd, cache_dir);
-		free(cwd);
-		cache_dir = abs_dir;
-	}
-	if (cli_open_cache(&cache, cache_dir) < 0)
+	if (cli_open_cache(&cache, cfg) < 0)
 		goto out;
 	if ((err = ib_server_start(&srv, cache, &opts)) < 0) {
 		cli_error("serve: %s", ib_error_last());
@@ -286,7 +269,6 @@ out:
 	ib_server_free(srv);
 	ib_cache_close(cache);
 	free(token);
-	free(abs_dir);
 	if (signal_pipe[0] >= 0) {
 		close(signal_pipe[0]);
 		close(signal_pipe[1]);

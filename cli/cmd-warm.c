@@ -15,9 +15,9 @@
 
 #include "builder/build.h"
 #include "builder/gitsrc.h"
-#include "builder/limits.h"
-#include "builder/util.h"
-#include "cli.h"
+#include "lib/limits.h"
+#include "lib/util.h"
+#include "cli/cli.h"
 
 static const char warm_usage[] =
 	"warm [--check] [--jobs N] (SPEC.json ... | --git URL --ref REF [--path DIR])";
@@ -81,8 +81,9 @@ static int child_cb(const char *key, const char *kind, const char *step, void *a
 }
 
 /* --check: why the spec is not ready: its first missing layer, and what the cache has instead. */
-static char *explain_miss(ib_cache *cache, const ib_build *b)
+static char *explain_miss(ib_cache *cache, const ib_build *build)
 {
+	const ib_plan *b = ib_build_plan(build);
 	struct children ch = { IB_BUF_INIT, 0 };
 	char wants[160];
 	size_t i;
@@ -114,6 +115,7 @@ static char *explain_miss(ib_cache *cache, const ib_build *b)
 static void build_one(struct warm *w, struct job *j)
 {
 	ib_build_opts opts = { .log_fd = -1, .cancel = &cancel_flag };
+	ib_build_status st;
 	char *log_path;
 	char stamp[32];
 	time_t now = time(NULL);
@@ -123,26 +125,24 @@ static void build_one(struct warm *w, struct job *j)
 
 	gmtime_r(&now, &tm);
 	strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", &tm);
-	log_path = ib_xasprintf("%s/logs/warm-%s-%.12s-%ld.log", ib_cache_dir(w->cache), stamp, j->build->image_id,
-				(long)getpid());
+	log_path = ib_xasprintf("%s/logs/warm-%s-%.12s-%ld.log", ib_cache_dir(w->cache), stamp,
+				ib_build_plan(j->build)->image_id, (long)getpid());
 	opts.log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-	opts.apt_mirror = getenv("IMAGEBUILDER_APT_MIRROR");
-	opts.pip_index_url = getenv("IMAGEBUILDER_PIP_INDEX_URL");
-	if (opts.pip_index_url && !*opts.pip_index_url)
-		opts.pip_index_url = NULL;
 	err = ib_build_run(j->build, w->cache, &opts);
 	j->seconds = ib_now() - t0;
+	ib_build_status_get(j->build, &st);
 	if (err) {
 		j->outcome = W_FAILED;
-		j->why = ib_xasprintf("%s (log: %s)", j->build->error ? j->build->error : ib_error_last(), log_path);
+		j->why = ib_xasprintf("%s (log: %s)", st.error ? st.error : ib_error_last(), log_path);
 	} else {
-		j->outcome = j->build->cached ? W_CACHED : W_BUILT;
-		if (w->git_url && ib_cache_image_add_source(w->cache, j->build->image_id, w->git_url, w->commit,
-							    j->name) < 0) {
+		j->outcome = st.cached ? W_CACHED : W_BUILT;
+		if (w->git_url && ib_cache_image_add_source(w->cache, ib_build_plan(j->build)->image_id, w->git_url,
+							    w->commit, j->name) < 0) {
 			j->outcome = W_FAILED;
 			j->why = ib_xstrdup(ib_error_last());
 		}
 	}
+	ib_build_status_clear(&st);
 	if (opts.log_fd >= 0)
 		close(opts.log_fd);
 	free(log_path);
@@ -170,7 +170,7 @@ static void *worker(void *arg)
 	}
 }
 
-static void prepare_job(struct job *j)
+static void prepare_job(struct job *j, const ib_config *cfg)
 {
 	int err;
 
@@ -179,7 +179,7 @@ static void prepare_job(struct job *j)
 		j->why = ib_xasprintf("invalid spec: %s", ib_error_last());
 		return;
 	}
-	if ((err = ib_build_plan(&j->build, j->spec)) < 0) {
+	if ((err = ib_build_new(&j->build, j->spec, cfg)) < 0) {
 		j->outcome = W_FAILED;
 		j->why = ib_xstrdup(ib_error_last());
 	}
@@ -187,7 +187,7 @@ static void prepare_job(struct job *j)
 
 static void print_line(const struct job *j)
 {
-	const char *id = j->build ? j->build->image_id : "-";
+	const char *id = j->build ? ib_build_plan(j->build)->image_id : "-";
 
 	switch (j->outcome) {
 	case W_CACHED: printf("%s  %s  cached\n", j->name, id); break;
@@ -198,7 +198,7 @@ static void print_line(const struct job *j)
 	}
 }
 
-int cmd_warm(int argc, char **argv)
+int cmd_warm(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "check", no_argument, NULL, 'c' },
@@ -209,7 +209,7 @@ int cmd_warm(int argc, char **argv)
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *git = NULL, *ref = NULL, *dir = NULL, *cache_dir = NULL;
+	const char *git = NULL, *ref = NULL, *dir = NULL;
 	struct warm w = { .mu = PTHREAD_MUTEX_INITIALIZER };
 	ib_git_files files = { 0 };
 	char **texts = NULL;
@@ -232,13 +232,13 @@ int cmd_warm(int argc, char **argv)
 		case 'g': git = optarg; break;
 		case 'r': ref = optarg; break;
 		case 'p': dir = optarg; break;
-		case 'C': cache_dir = optarg; break;
+		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
 		default: return cli_usage(warm_usage);
 		}
 	}
 	if (git ? (optind != argc || !ref) : (optind == argc || ref || dir))
 		return cli_usage(warm_usage);
-	if (cli_open_cache(&w.cache, cache_dir) < 0)
+	if (cli_open_cache(&w.cache, cfg) < 0)
 		return EXIT_FAIL;
 	ib_cache_clean_tmp(w.cache);
 
@@ -279,7 +279,7 @@ int cmd_warm(int argc, char **argv)
 	}
 	for (size_t i = 0; i < w.njobs; i++)
 		if (w.jobs[i].outcome == W_PENDING)
-			prepare_job(&w.jobs[i]);
+			prepare_job(&w.jobs[i], cfg);
 
 	if (check) {
 		for (size_t i = 0; i < w.njobs; i++) {
@@ -287,7 +287,7 @@ int cmd_warm(int argc, char **argv)
 			int r;
 			if (j->outcome != W_PENDING)
 				continue;
-			r = ib_cache_image_get(w.cache, j->build->image_id, NULL);
+			r = ib_cache_image_get(w.cache, ib_build_plan(j->build)->image_id, NULL);
 			if (r < 0) {
 				j->outcome = W_FAILED;
 				j->why = ib_xstrdup(ib_error_last());

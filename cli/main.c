@@ -7,14 +7,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "builder/util.h"
-#include "cli.h"
+#include "cli/cli.h"
+#include "lib/util.h"
 
-#define DEFAULT_CACHE_DIR "/var/lib/imagebuilder"
+extern char **environ;
 
 static const struct cmd {
 	const char *name;
-	int (*fn)(int argc, char **argv);
+	int (*fn)(int argc, char **argv, ib_config *cfg);
 	const char *help;
 } commands[] = {
 	{ "build", cmd_build, "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S]" },
@@ -44,20 +44,9 @@ int cli_usage(const char *usage)
 	return EXIT_USAGE;
 }
 
-const char *cli_cache_dir(const char *opt)
+int cli_open_cache(ib_cache **out, const ib_config *cfg)
 {
-	const char *env = getenv("IMAGEBUILDER_CACHE_DIR");
-
-	if (opt && *opt)
-		return opt;
-	if (env && *env)
-		return env;
-	return DEFAULT_CACHE_DIR;
-}
-
-int cli_open_cache(ib_cache **out, const char *opt)
-{
-	if (ib_cache_open(out, cli_cache_dir(opt)) < 0) {
+	if (ib_cache_open(out, cfg->cache_dir) < 0) {
 		cli_error("%s", ib_error_last());
 		return -1;
 	}
@@ -107,7 +96,8 @@ static void usage_all(FILE *f)
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
 		fprintf(f, "  %s\n", commands[i].help);
 	fputs("\nenvironment: IMAGEBUILDER_CACHE_DIR, IMAGEBUILDER_APT_MIRROR, IMAGEBUILDER_PIP_INDEX_URL,\n"
-	      "             SOURCE_DATE_EPOCH (see the README)\n", f);
+	      "             IMAGEBUILDER_PYTHON_MIRROR, IMAGEBUILDER_PYTHON_VERSIONS, SOURCE_DATE_EPOCH,\n"
+	      "             IMAGEBUILDER_BOOTSTRAP_IN_MEMORY, IMAGEBUILDER_BASE_IMAGES (see the README)\n", f);
 }
 
 int main(int argc, char **argv)
@@ -120,9 +110,20 @@ int main(int argc, char **argv)
 		usage_all(stdout);
 		return EXIT_OK;
 	}
-	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		if (!strcmp(argv[1], commands[i].name))
-			return commands[i].fn(argc - 1, argv + 1);
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		ib_config cfg;
+		int ret;
+
+		if (strcmp(argv[1], commands[i].name))
+			continue;
+		if (ib_config_init(&cfg, (const char *const *)environ) < 0) {
+			cli_error("%s", ib_error_last());
+			return EXIT_USAGE;
+		}
+		ret = commands[i].fn(argc - 1, argv + 1, &cfg);
+		ib_config_clear(&cfg);
+		return ret;
+	}
 	cli_error("'%s' is not a command; see 'imagebuilder --help'", argv[1]);
 	return EXIT_USAGE;
 }

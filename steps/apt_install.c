@@ -15,13 +15,13 @@
  * item may end in '-', which apt-get reads as "remove this package" (even
  * after a version); a valid name or version never needs to.
  */
-#include "step.h"
+#include "steps/step.h"
 
 #include <stdbool.h>
 #include <string.h>
 
-#include "builder/limits.h"
-#include "builder/spec.h"
+#include "lib/limits.h"
+#include "lib/field.h"
 
 static bool lower_or_digit(char c)
 {
@@ -46,7 +46,7 @@ static bool version_char(char c)
 
 static int package_ok(const char *s, size_t len, const char *field)
 {
-	char q[IB_SPEC_QUOTE_MAX];
+	char q[IB_FIELD_QUOTE_MAX];
 	size_t i = 1;
 
 	if (!lower_or_digit(s[0]))
@@ -70,12 +70,12 @@ static int package_ok(const char *s, size_t len, const char *field)
 			goto bad;
 	}
 	if (s[len - 1] == '-')
-		return ib_spec_invalid("%s: %s ends in '-', which apt-get reads as 'remove'",
-				       field, ib_spec_quote(q, s, len));
+		return ib_field_invalid("%s: %s ends in '-', which apt-get reads as 'remove'",
+				       field, ib_field_quote(q, s, len));
 	return 0;
 bad:
-	return ib_spec_invalid("%s: %s is not a Debian package name (name[:arch][=version])",
-			       field, ib_spec_quote(q, s, len));
+	return ib_field_invalid("%s: %s is not a Debian package name (name[:arch][=version])",
+			       field, ib_field_quote(q, s, len));
 }
 
 static int apt_validate(const json_t *arg, const char *field)
@@ -141,6 +141,7 @@ static int apt_plan(ib_step_plan *out, const json_t *arg, const ib_step_ctx *ctx
 
 const ib_step_ops ib_step_apt_install = {
 	.name = "apt_install",
+	.flags = IB_STEP_APT_LISTS,
 	.validate = apt_validate,
 	.plan = apt_plan,
 };

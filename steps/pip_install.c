@@ -18,13 +18,13 @@
  * Not accepted: bare paths and URLs, "-r file", "-e ...", options of any
  * kind.
  */
-#include "step.h"
+#include "steps/step.h"
 
 #include <stdbool.h>
 #include <string.h>
 
-#include "builder/limits.h"
-#include "builder/spec.h"
+#include "lib/limits.h"
+#include "lib/field.h"
 
 struct cursor {
 	const char *s;
@@ -189,15 +189,15 @@ static bool requirement(struct cursor *c)
 static int requirement_ok(const char *s, size_t len, const char *field)
 {
 	struct cursor c = { s, 0, len };
-	char q[IB_SPEC_QUOTE_MAX];
+	char q[IB_FIELD_QUOTE_MAX];
 
 	if (s[0] == '-')
-		return ib_spec_invalid("%s: %s starts with '-'; pip options are not accepted",
-				       field, ib_spec_quote(q, s, len));
+		return ib_field_invalid("%s: %s starts with '-'; pip options are not accepted",
+				       field, ib_field_quote(q, s, len));
 	if (!requirement(&c))
-		return ib_spec_invalid("%s: %s is not a PEP 508 requirement "
+		return ib_field_invalid("%s: %s is not a PEP 508 requirement "
 				       "(name[extras] [specifiers] [; marker], or name @ url)",
-				       field, ib_spec_quote(q, s, len));
+				       field, ib_field_quote(q, s, len));
 	return 0;
 }
 
@@ -225,7 +225,7 @@ static bool python_ok(const char *py)
 static int index_url_ok(const char *url, char **trusted)
 {
 	const char *host, *end, *at_sign;
-	char q[IB_SPEC_QUOTE_MAX];
+	char q[IB_FIELD_QUOTE_MAX];
 	bool http;
 
 	*trusted = NULL;
@@ -249,7 +249,7 @@ static int index_url_ok(const char *url, char **trusted)
 	return 0;
 bad:
 	return ib_error_set("pip index url %s is not an http:// or https:// URL",
-			    ib_spec_quote(q, url, strlen(url)));
+			    ib_field_quote(q, url, strlen(url)));
 }
 
 /*
@@ -270,11 +270,11 @@ static int pip_plan(ib_step_plan *out, const json_t *arg, const ib_step_ctx *ctx
 	const char *py = ctx && ctx->python ? ctx->python : "python3";
 	const char *url = ctx ? ctx->pip_index_url : NULL;
 	char *trusted = NULL;
-	char q[IB_SPEC_QUOTE_MAX];
+	char q[IB_FIELD_QUOTE_MAX];
 	int r;
 
 	if (!python_ok(py)) {
-		r = ib_error_set("python %s is not a plain path", ib_spec_quote(q, py, strlen(py)));
+		r = ib_error_set("python %s is not a plain path", ib_field_quote(q, py, strlen(py)));
 		goto out;
 	}
 	if (url && *url) {

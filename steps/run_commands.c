@@ -6,9 +6,9 @@
  * shell, by design: the lines are the user's program.  Each line is
  * non-empty, at most IB_CMD_MAX bytes, without NUL.
  */
-#include "step.h"
+#include "steps/step.h"
 
-#include "builder/limits.h"
+#include "lib/limits.h"
 
 static int command_ok(const char *s, size_t len, const char *field)
 {

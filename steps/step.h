@@ -3,7 +3,7 @@
 
 #include <jansson.h>
 
-#include "builder/util.h"
+#include "lib/util.h"
 
 /*
  * One step kind.  Each kind lives in one file in steps/ and registers its
@@ -53,8 +53,23 @@ void ib_step_plan_free(ib_step_plan *plan);
 int ib_step_check_list(const json_t *arg, const char *field, const char *what, size_t max,
 		       int (*item_ok)(const char *s, size_t len, const char *field));
 
+/*
+ * What the build needs to know about a kind, beyond its commands.
+ *
+ * IB_STEP_ENV: the argument is an object of variables that every later
+ * step runs with and the image records (/etc/environment, image.json).
+ *
+ * IB_STEP_APT_LISTS: the kind runs nothing but apt-get with the shared
+ * package lists, so after it succeeds the lists are as current as the
+ * image's sources make them; a later apt step of the same build may skip
+ * its update.  Any other kind that runs commands may change the sources.
+ */
+#define IB_STEP_ENV		0x1
+#define IB_STEP_APT_LISTS	0x2
+
 typedef struct ib_step_ops {
 	const char *name; /* the spec key: "apt_install" */
+	unsigned flags;   /* IB_STEP_* */
 	/*
 	 * Check the argument.  field is the path used in messages
 	 * ("steps[2].apt_install"); on failure return IB_EINVALID with a

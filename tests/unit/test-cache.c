@@ -7,9 +7,10 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#include "builder/util.h"
+#include "lib/util.h"
 #include "cache/cache.h"
-#include "test.h"
+#include "layer/tree.h"
+#include "tests/unit/test.h"
 
 static const char key1[] = "1111111111111111111111111111111111111111111111111111111111111111";
 static const char key2[] = "2222222222222222222222222222222222222222222222222222222222222222";
@@ -202,7 +203,7 @@ TEST(images_and_their_layers)
 	snprintf(in.arch, sizeof(in.arch), "amd64");
 	ASSERT_INT_EQ(ib_sha256_file(in.ext4_sha256, img), 0);
 	in.ext4_bytes = 10;
-	in.meta = (char *)"{\"image_id\":\"x\"}";
+	ASSERT_INT_EQ(ib_image_meta_parse(&in.meta, "{\"image_id\":\"x\", \"arch\": \"arm64\"}"), 0);
 	in.layers = layers;
 	in.nlayers = 1;
 	ASSERT_INT_EQ(ib_cache_image_commit(c, &in, img), 0);
@@ -210,7 +211,9 @@ TEST(images_and_their_layers)
 	ASSERT_STR_EQ(out.top_key, key2);
 	ASSERT_INT_EQ(out.nlayers, 1);
 	ASSERT_STR_EQ(out.layers[0], key2);
-	ASSERT_STR_EQ(out.meta, "{\"image_id\":\"x\"}");
+	ASSERT_STR_EQ(out.meta->image_id, "x");
+	ASSERT_STR_EQ(out.meta->machine, "aarch64"); /* derived for images made before it was kept */
+	ib_image_meta_free(in.meta);
 	ASSERT_INT_EQ(problems_of(c), 0);
 	/* an image whose layer went missing is a problem */
 	ASSERT_INT_EQ(ib_cache_layer_remove(c, key2), 0);

@@ -37,10 +37,10 @@
 #include <archive.h>
 #include <archive_entry.h>
 
-#include "builder/error.h"
-#include "builder/export.h"
-#include "builder/layerfs.h"
-#include "builder/util.h"
+#include "lib/error.h"
+#include "layer/writer.h"
+#include "layer/layerfs.h"
+#include "lib/util.h"
 #include "tests/unit/test.h"
 
 #define IMAGE_ID "0123456789abcdef0123456789abcdeffedcba9876543210fedcba9876543210"

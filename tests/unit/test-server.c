@@ -12,12 +12,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "builder/server-http.h"
-#include "builder/server-metrics.h"
-#include "builder/server.h"
-#include "builder/util.h"
-#include "cache/builds.h"
-#include "test.h"
+#include "server/httputil.h"
+#include "server/metrics.h"
+#include "server/server.h"
+#include "lib/util.h"
+#include "server/builds.h"
+#include "tests/unit/test.h"
 
 static char *tmpdir(void)
 {
@@ -315,8 +315,11 @@ TEST(daemon_answers_http)
 	ib_cache *c = NULL;
 	ib_server *srv = NULL;
 	ib_server_opts o = { .listen = "127.0.0.1:0", .token = "tok", .jobs = 1, .http_threads = 2, .log_fd = -1 };
+	ib_config cfg;
 	unsigned port;
 
+	ASSERT_INT_EQ(ib_config_init(&cfg, NULL), 0);
+	o.cfg = &cfg;
 	ASSERT_INT_EQ(ib_cache_open(&c, dir), 0);
 	ASSERT_INT_EQ(ib_server_start(&srv, c, &o), 0);
 	port = ib_server_port(srv);
@@ -369,6 +372,7 @@ TEST(daemon_answers_http)
 	ASSERT_INT_EQ(http(port, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", NULL), -1);
 	ib_server_free(srv);
 	ib_cache_close(c);
+	ib_config_clear(&cfg);
 	ib_rm_rf(dir);
 	free(dir);
 }

@@ -6,10 +6,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "builder/error.h"
-#include "builder/limits.h"
-#include "builder/spec.h"
-#include "builder/util.h"
+#include "lib/error.h"
+#include "lib/limits.h"
+#include "lib/util.h"
+#include "spec/plan.h"
+#include "spec/spec.h"
 #include "steps/step.h"
 #include "tests/unit/test.h"
 
@@ -555,13 +556,13 @@ TEST(env_names)
 	ASSERT_REJECTS(b.ptr, "steps[0].env", "is 129 bytes; at most 128");
 	ib_buf_free(&b);
 
-	ASSERT_TRUE(ib_spec_env_name_ok("A"));
-	ASSERT_TRUE(ib_spec_env_name_ok("_"));
-	ASSERT_TRUE(ib_spec_env_name_ok("a_B9"));
-	ASSERT_TRUE(!ib_spec_env_name_ok(""));
-	ASSERT_TRUE(!ib_spec_env_name_ok("9A"));
-	ASSERT_TRUE(!ib_spec_env_name_ok("A-"));
-	ASSERT_TRUE(!ib_spec_env_name_ok(NULL));
+	ASSERT_TRUE(ib_field_env_name_ok("A"));
+	ASSERT_TRUE(ib_field_env_name_ok("_"));
+	ASSERT_TRUE(ib_field_env_name_ok("a_B9"));
+	ASSERT_TRUE(!ib_field_env_name_ok(""));
+	ASSERT_TRUE(!ib_field_env_name_ok("9A"));
+	ASSERT_TRUE(!ib_field_env_name_ok("A-"));
+	ASSERT_TRUE(!ib_field_env_name_ok(NULL));
 }
 
 TEST(env_values)
@@ -622,20 +623,20 @@ TEST(env_count_limits)
 
 TEST(quote)
 {
-	char q[IB_SPEC_QUOTE_MAX], long_in[300];
+	char q[IB_FIELD_QUOTE_MAX], long_in[300];
 
-	ASSERT_STR_EQ(ib_spec_quote(q, "abc", 3), "'abc'");
-	ASSERT_STR_EQ(ib_spec_quote(q, "a'b\\c\n", 6), "'a\\'b\\\\c\\x0a'");
-	ASSERT_STR_EQ(ib_spec_quote(q, "\xc3\xa9", 2), "'\\xc3\\xa9'");
-	ASSERT_STR_EQ(ib_spec_quote(q, "a\0b", 3), "'a\\x00b'");
+	ASSERT_STR_EQ(ib_field_quote(q, "abc", 3), "'abc'");
+	ASSERT_STR_EQ(ib_field_quote(q, "a'b\\c\n", 6), "'a\\'b\\\\c\\x0a'");
+	ASSERT_STR_EQ(ib_field_quote(q, "\xc3\xa9", 2), "'\\xc3\\xa9'");
+	ASSERT_STR_EQ(ib_field_quote(q, "a\0b", 3), "'a\\x00b'");
 	memset(long_in, 'x', sizeof(long_in));
-	ib_spec_quote(q, long_in, sizeof(long_in));
-	ASSERT_TRUE(strlen(q) < IB_SPEC_QUOTE_MAX);
+	ib_field_quote(q, long_in, sizeof(long_in));
+	ASSERT_TRUE(strlen(q) < IB_FIELD_QUOTE_MAX);
 	ASSERT_TRUE(strlen(q) > 60);
 	ASSERT_STR_CONTAINS(q, "'...");
 	memset(long_in, '\n', sizeof(long_in));
-	ib_spec_quote(q, long_in, sizeof(long_in));
-	ASSERT_TRUE(strlen(q) < IB_SPEC_QUOTE_MAX);
+	ib_field_quote(q, long_in, sizeof(long_in));
+	ASSERT_TRUE(strlen(q) < IB_FIELD_QUOTE_MAX);
 	ASSERT_STR_CONTAINS(q, "\\x0a'...");
 }
 
@@ -804,6 +805,116 @@ TEST(golden_ids)
 	ib_key_image(id, keys[4]);
 	ASSERT_STR_EQ(id, "c492f8130154c3b1fca5c9c68ccf88d51d103b769c29a4e17490a23ff9bf8d91");
 	ib_spec_free(spec);
+}
+
+/*
+ * The real plan: the shipped base definition and python table, the
+ * default epoch, and ib_plan_make(), which the builder runs.  Golden ids
+ * from an independent implementation (Python, as above, with
+ * canonical(base) + "\nsource_date_epoch=1686355200" as the base's form and
+ * {"python": {"packages": ["cloudpickle"], "release", "sha256", "version"}}
+ * as the python layer's); the second spec is t0750's, whose id is also the
+ * one a real build of it printed before the code moved into spec/.
+ */
+static ib_plan *real_plan(const char *json, ib_spec **spec, ib_basedef **def, ib_python_pin *pin)
+{
+	char *text = NULL, *table = NULL;
+	size_t len = 0, tlen = 0;
+	ib_plan *plan = NULL;
+
+	if (parse(spec, json) < 0 || ib_read_file(&text, &len, "base-images/debian_amd64.json", 1 << 20) < 0 ||
+	    ib_basedef_parse(def, "debian_amd64", text, len, "debian_amd64.json") < 0)
+		goto out;
+	if ((*spec)->python_version &&
+	    (ib_read_file(&table, &tlen, "base-images/python-versions.json", 1 << 20) < 0 ||
+	     ib_pytable_lookup(pin, table, tlen, "python-versions.json", (*spec)->python_version, "x86_64", NULL) < 0))
+		goto out;
+	if (ib_plan_make(&plan, *spec, *def, (*spec)->python_version ? pin : NULL, IB_DEFAULT_EPOCH) < 0)
+		plan = NULL;
+out:
+	free(text);
+	free(table);
+	return plan;
+}
+
+TEST(golden_ids_of_the_real_plan)
+{
+	static const char *const want[] = {
+		"d05965025c1d28c440fbc4de4549548f48ca30de3378f97506bc3fff9aa3a36c",
+		"4a33055170320537c0824e77ea2cb32699485c0251c376ae3861603889f13d35",
+		"db30bdf07d6e03be5f65f715f0aa43e80c1bcfd0a017a63e363f030519f2db18",
+		"2975ed01aca90e995cf38f7b5bbd777ab927bc61847af405d85076a91fcdac20",
+		"826db0782efbe2c7df08ae43e87a69195b6456864dc453bd8c86718dd261a077",
+		"de80317898646ccfcbddb5fd8a4f7cab1dd3ae53d0b14ce9bdf8ddec6723639e",
+	};
+	static const char *const kinds[] = { "base", "python", "apt_install", "pip_install", "run_commands", "env" };
+	ib_spec *spec = NULL;
+	ib_basedef *def = NULL;
+	ib_python_pin pin = { 0 };
+	ib_plan *plan = real_plan(EXAMPLE, &spec, &def, &pin);
+	json_t *env;
+
+	ASSERT_TRUE(plan != NULL);
+	ASSERT_INT_EQ(plan->nlayers, 6);
+	for (size_t i = 0; i < plan->nlayers; i++) {
+		ASSERT_STR_EQ(plan->layers[i].key, want[i]);
+		ASSERT_STR_EQ(plan->layers[i].kind, kinds[i]);
+	}
+	ASSERT_STR_EQ(plan->image_id, "09f8096e2ab1d239a6e087ad5d417e0ad5daec214854b8534597ff3cb9c839cf");
+	ASSERT_STR_EQ(plan->arch, "amd64");
+	ASSERT_STR_EQ(plan->machine, "x86_64");
+	ASSERT_STR_CONTAINS(plan->python->url, "/cpython-3.12.1+");
+	ASSERT_STR_EQ(json_string_value(json_object_get(plan->env, "APP_ENV")), "demo");
+	/* the env a step runs with: env steps below it only */
+	env = ib_plan_env_below(plan, 5);
+	ASSERT_INT_EQ(json_object_size(env), 0);
+	json_decref(env);
+	env = ib_plan_env_below(plan, 6);
+	ASSERT_INT_EQ(json_object_size(env), 1);
+	json_decref(env);
+	ib_plan_free(plan);
+	ib_spec_free(spec);
+	ib_basedef_free(def);
+	ib_python_pin_clear(&pin);
+
+	spec = NULL;
+	def = NULL;
+	plan = real_plan("{\"base\": \"debian_amd64\", \"steps\": [{\"apt_install\": [\"curl\"]}, "
+			 "{\"env\": {\"REPRO\": \"yes\"}}, {\"run_commands\": [\"useradd -m repro\", "
+			 "\"echo built > /built.txt\", \"python3 -c pass 2>/dev/null || true\"]}]}",
+			 &spec, &def, &pin);
+	ASSERT_TRUE(plan != NULL);
+	ASSERT_STR_EQ(plan->layers[0].key, want[0]);
+	ASSERT_STR_EQ(plan->image_id, "f429f3cb3a6b5d47ea0678097f0f52fff9a643696a9007be5bdb7b70e941b2ca");
+	ib_plan_free(plan);
+	ib_spec_free(spec);
+	ib_basedef_free(def);
+}
+
+TEST(plan_refuses_a_missing_pin_and_another_base)
+{
+	ib_spec *spec = NULL;
+	ib_basedef *def = NULL;
+	ib_plan *plan = NULL;
+	const char *arm = "{\"name\": \"debian_arm64\", \"suite\": \"bookworm\", \"architecture\": \"arm64\", "
+			  "\"machine\": \"aarch64\", \"variant\": \"minbase\"}";
+
+	ASSERT_INT_EQ(parse(&spec, EXAMPLE), 0);
+	ASSERT_INT_EQ(ib_basedef_parse(&def, "debian_arm64", arm, strlen(arm), "x"), 0);
+	ASSERT_TRUE(ib_plan_make(&plan, spec, def, NULL, 0) < 0); /* pins python, no pin given */
+	ASSERT_TRUE(plan == NULL);
+	ib_spec_free(spec);
+	ASSERT_INT_EQ(parse(&spec, "{\"base\": \"debian_amd64\"}"), 0);
+	ASSERT_TRUE(ib_plan_make(&plan, spec, def, NULL, 0) < 0); /* another base */
+	ASSERT_STR_CONTAINS(ib_error_last(), "debian_arm64");
+	/* a definition that names another base is refused */
+	{
+		ib_basedef *other = NULL;
+		ASSERT_TRUE(ib_basedef_parse(&other, "debian_amd64", arm, strlen(arm), "x") < 0);
+		ASSERT_TRUE(other == NULL);
+	}
+	ib_spec_free(spec);
+	ib_basedef_free(def);
 }
 
 /* ---- plans ---- */

@@ -1,0 +1,31 @@
+#ifndef IB_WRITER_H
+#define IB_WRITER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * Writing a layer stack (layers[] bottom first, merged by the rules of
+ * layer/overlay.h) as one file system image or archive, directly from the
+ * layers: no flattened copy, nothing mounted.
+ */
+
+typedef struct ib_export_opts {
+	const char *image_id; /* 64 hex digits: UUID and hash seed derive from it */
+	int64_t epoch;        /* every timestamp is clamped to this (SOURCE_DATE_EPOCH) */
+} ib_export_opts;
+
+/*
+ * Write a raw ext4 image (no partition table) to out_path, replacing it.
+ * Sized to the content plus headroom (see ext4.c), sparse, e2fsck clean,
+ * the same bytes for the same layers and options.  *out_bytes (may be NULL)
+ * receives the image's apparent size.
+ */
+int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayers,
+		  const ib_export_opts *opts, uint64_t *out_bytes);
+
+/* Write the merged tree as a tar (pax, sorted, numeric owners, clamped times). */
+int ib_tar_write(const char *out_path, const char *const *layers, size_t nlayers,
+		 const ib_export_opts *opts);
+
+#endif

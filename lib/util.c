@@ -1,0 +1,478 @@
+#include "lib/util.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/fs.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static void oom(void)
+{
+	fputs("imagebuilder: out of memory\n", stderr);
+	abort();
+}
+
+void *ib_xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+
+	if (!p)
+		oom();
+	return p;
+}
+
+void *ib_xcalloc(size_t n, size_t size)
+{
+	void *p = calloc(n ? n : 1, size ? size : 1);
+
+	if (!p)
+		oom();
+	return p;
+}
+
+void *ib_xrealloc(void *p, size_t n)
+{
+	void *q = realloc(p, n ? n : 1);
+
+	if (!q)
+		oom();
+	return q;
+}
+
+char *ib_xstrdup(const char *s)
+{
+	char *p = strdup(s);
+
+	if (!p)
+		oom();
+	return p;
+}
+
+char *ib_xstrndup(const char *s, size_t n)
+{
+	char *p = strndup(s, n);
+
+	if (!p)
+		oom();
+	return p;
+}
+
+char *ib_xasprintf(const char *fmt, ...)
+{
+	va_list ap;
+	char *p;
+	int r;
+
+	va_start(ap, fmt);
+	r = vasprintf(&p, fmt, ap);
+	va_end(ap);
+	if (r < 0)
+		oom();
+	return p;
+}
+
+void ib_buf_grow(ib_buf *b, size_t extra)
+{
+	size_t need = b->len + extra + 1;
+
+	if (need <= b->cap)
+		return;
+	if (need < b->cap * 2)
+		need = b->cap * 2;
+	if (need < 64)
+		need = 64;
+	b->ptr = ib_xrealloc(b->ptr, need);
+	b->cap = need;
+}
+
+void ib_buf_add(ib_buf *b, const void *data, size_t len)
+{
+	ib_buf_grow(b, len);
+	if (len)
+		memcpy(b->ptr + b->len, data, len);
+	b->len += len;
+	b->ptr[b->len] = '\0';
+}
+
+void ib_buf_puts(ib_buf *b, const char *s)
+{
+	ib_buf_add(b, s, strlen(s));
+}
+
+void ib_buf_printf(ib_buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	char probe[1];
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(probe, sizeof(probe), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	ib_buf_grow(b, (size_t)n);
+	va_start(ap, fmt);
+	vsnprintf(b->ptr + b->len, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	b->len += (size_t)n;
+}
+
+void ib_buf_reset(ib_buf *b)
+{
+	b->len = 0;
+	if (b->ptr)
+		b->ptr[0] = '\0';
+}
+
+char *ib_buf_detach(ib_buf *b)
+{
+	char *p = b->ptr ? b->ptr : ib_xstrdup("");
+
+	b->ptr = NULL;
+	b->len = b->cap = 0;
+	return p;
+}
+
+void ib_buf_free(ib_buf *b)
+{
+	free(b->ptr);
+	b->ptr = NULL;
+	b->len = b->cap = 0;
+}
+
+void ib_strv_push(ib_strv *sv, const char *s)
+{
+	if (sv->n + 2 > sv->cap) {
+		sv->cap = sv->cap ? sv->cap * 2 : 8;
+		sv->v = ib_xrealloc(sv->v, sv->cap * sizeof(*sv->v));
+	}
+	sv->v[sv->n++] = ib_xstrdup(s);
+	sv->v[sv->n] = NULL;
+}
+
+void ib_strv_pushf(ib_strv *sv, const char *fmt, ...)
+{
+	va_list ap;
+	char *p;
+
+	va_start(ap, fmt);
+	if (vasprintf(&p, fmt, ap) < 0)
+		oom();
+	va_end(ap);
+	ib_strv_push(sv, p);
+	free(p);
+}
+
+void ib_strv_free(ib_strv *sv)
+{
+	for (size_t i = 0; i < sv->n; i++)
+		free(sv->v[i]);
+	free(sv->v);
+	sv->v = NULL;
+	sv->n = sv->cap = 0;
+}
+
+int ib_mkdir_p(const char *path, mode_t mode)
+{
+	char *p = ib_xstrdup(path);
+	int err = 0;
+
+	for (char *s = p + 1; ; s++) {
+		if (*s != '/' && *s != '\0')
+			continue;
+		char c = *s;
+		*s = '\0';
+		if (mkdir(p, mode) < 0 && errno != EEXIST) {
+			err = ib_error_set_errno(errno, "cannot create directory '%s'", p);
+			break;
+		}
+		*s = c;
+		if (!c)
+			break;
+	}
+	free(p);
+	return err;
+}
+
+static int rm_rf_at(int parent, const char *name, dev_t dev)
+{
+	struct stat st;
+	int fd = -1, err = 0;
+	DIR *d = NULL;
+	struct dirent *de;
+
+	if (fstatat(parent, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+		return errno == ENOENT ? 0 : ib_error_set_errno(errno, "cannot stat '%s'", name);
+	if (!S_ISDIR(st.st_mode)) {
+		if (unlinkat(parent, name, 0) < 0 && errno != ENOENT)
+			return ib_error_set_errno(errno, "cannot remove '%s'", name);
+		return 0;
+	}
+	if (st.st_dev != dev)
+		return ib_error_set("refusing to remove '%s': another file system is mounted there", name);
+	fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 && errno == EACCES) {
+		/* overlayfs leaves work/ dirs with mode 000 */
+		fchmodat(parent, name, 0700, 0);
+		fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	}
+	if (fd < 0)
+		return ib_error_set_errno(errno, "cannot open '%s'", name);
+	d = fdopendir(fd);
+	if (!d) {
+		close(fd);
+		return ib_error_set_errno(errno, "cannot read '%s'", name);
+	}
+	while ((de = readdir(d))) {
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		if ((err = rm_rf_at(dirfd(d), de->d_name, dev)) < 0)
+			break;
+	}
+	closedir(d);
+	if (!err && unlinkat(parent, name, AT_REMOVEDIR) < 0 && errno != ENOENT)
+		err = ib_error_set_errno(errno, "cannot remove '%s'", name);
+	return err;
+}
+
+int ib_rm_rf(const char *path)
+{
+	struct stat st;
+
+	if (lstat(path, &st) < 0)
+		return errno == ENOENT ? 0 : ib_error_set_errno(errno, "cannot stat '%s'", path);
+	return rm_rf_at(AT_FDCWD, path, st.st_dev);
+}
+
+int ib_read_file(char **out, size_t *out_len, const char *path, size_t max)
+{
+	ib_buf b = IB_BUF_INIT;
+	char chunk[65536];
+	int fd, err = 0;
+	ssize_t n;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? (ib_error_set_errno(errno, "cannot open '%s'", path), IB_ENOTFOUND)
+				       : ib_error_set_errno(errno, "cannot open '%s'", path);
+	for (;;) {
+		n = read(fd, chunk, sizeof(chunk));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			err = ib_error_set_errno(errno, "cannot read '%s'", path);
+			break;
+		}
+		if (n == 0)
+			break;
+		if (b.len + (size_t)n > max) {
+			err = ib_error_set("'%s' is larger than %zu bytes", path, max);
+			break;
+		}
+		ib_buf_add(&b, chunk, (size_t)n);
+	}
+	close(fd);
+	if (err) {
+		ib_buf_free(&b);
+		return err;
+	}
+	if (out_len)
+		*out_len = b.len;
+	*out = ib_buf_detach(&b);
+	return 0;
+}
+
+int ib_write_all(int fd, const void *data, size_t len)
+{
+	const char *p = data;
+
+	while (len) {
+		ssize_t n = write(fd, p, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -1;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int ib_fsync_dir(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int err = 0;
+
+	if (fd < 0)
+		return ib_error_set_errno(errno, "cannot open '%s'", path);
+	if (fsync(fd) < 0)
+		err = ib_error_set_errno(errno, "cannot sync '%s'", path);
+	close(fd);
+	return err;
+}
+
+int ib_write_file_atomic(const char *path, const void *data, size_t len, mode_t mode)
+{
+	char *tmp = ib_xasprintf("%s.tmp.%ld", path, (long)getpid());
+	char *dir = ib_xstrdup(path);
+	char *slash;
+	int fd, err = 0;
+
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+	if (fd < 0) {
+		err = ib_error_set_errno(errno, "cannot create '%s'", tmp);
+		goto out;
+	}
+	if (ib_write_all(fd, data, len) < 0 || fsync(fd) < 0) {
+		err = ib_error_set_errno(errno, "cannot write '%s'", tmp);
+		close(fd);
+		unlink(tmp);
+		goto out;
+	}
+	if (close(fd) < 0) {
+		err = ib_error_set_errno(errno, "cannot write '%s'", tmp);
+		unlink(tmp);
+		goto out;
+	}
+	if (rename(tmp, path) < 0) {
+		err = ib_error_set_errno(errno, "cannot rename '%s'", tmp);
+		unlink(tmp);
+		goto out;
+	}
+	slash = strrchr(dir, '/');
+	if (slash) {
+		*slash = '\0';
+		err = ib_fsync_dir(*dir ? dir : "/");
+	}
+out:
+	free(tmp);
+	free(dir);
+	return err;
+}
+
+void ib_close_fds_except(int a, int b)
+{
+	int keep[2] = { a < b ? a : b, a < b ? b : a };
+	unsigned from = 3;
+
+	for (int i = 0; i < 2; i++) {
+		if (keep[i] < 3)
+			continue;
+		if ((unsigned)keep[i] > from)
+			close_range(from, (unsigned)keep[i] - 1, 0);
+		from = (unsigned)keep[i] + 1;
+	}
+	close_range(from, ~0U, 0);
+}
+
+double ib_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int ib_parse_u64(uint64_t *out, const char *s, uint64_t max)
+{
+	unsigned long long v;
+	char *end;
+
+	if (!s || !*s || *s == '-' || *s == '+' || *s == ' ')
+		return ib_error_set("'%s' is not a number", s ? s : "");
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || *end)
+		return ib_error_set("'%s' is not a number", s);
+	if (v > max)
+		return ib_error_set("'%s' is larger than %llu", s, (unsigned long long)max);
+	*out = v;
+	return 0;
+}
+
+void ib_hex(char *out, const unsigned char *data, size_t len)
+{
+	static const char digits[] = "0123456789abcdef";
+
+	for (size_t i = 0; i < len; i++) {
+		out[2 * i] = digits[data[i] >> 4];
+		out[2 * i + 1] = digits[data[i] & 15];
+	}
+	out[2 * len] = '\0';
+}
+
+bool ib_is_hex64(const char *s)
+{
+	size_t i;
+
+	for (i = 0; i < 64; i++)
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+	return s[64] == '\0';
+}
+
+int ib_copy_sparse(const char *src, const char *dst, mode_t mode)
+{
+	int in = -1, out = -1, err = 0;
+	struct stat st;
+	off_t data, hole;
+
+	in = open(src, O_RDONLY | O_CLOEXEC);
+	if (in < 0)
+		return ib_error_set_errno(errno, "cannot open '%s'", src);
+	if (fstat(in, &st) < 0) {
+		err = ib_error_set_errno(errno, "cannot stat '%s'", src);
+		goto out;
+	}
+	out = open(dst, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+	if (out < 0) {
+		err = ib_error_set_errno(errno, "cannot create '%s'", dst);
+		goto out;
+	}
+	if (ioctl(out, FICLONE, in) == 0)
+		goto out;
+	for (data = 0; data < st.st_size; data = hole) {
+		data = lseek(in, data, SEEK_DATA);
+		if (data < 0) {
+			if (errno == ENXIO)
+				break;
+			err = ib_error_set_errno(errno, "cannot seek '%s'", src);
+			goto out;
+		}
+		hole = lseek(in, data, SEEK_HOLE);
+		if (hole < 0) {
+			err = ib_error_set_errno(errno, "cannot seek '%s'", src);
+			goto out;
+		}
+		loff_t off_in = data, off_out = data;
+		size_t left = (size_t)(hole - data);
+		while (left) {
+			ssize_t n = copy_file_range(in, &off_in, out, &off_out, left, 0);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				err = ib_error_set_errno(n < 0 ? errno : EIO, "cannot copy '%s' to '%s'", src, dst);
+				goto out;
+			}
+			left -= (size_t)n;
+		}
+	}
+	if (ftruncate(out, st.st_size) < 0)
+		err = ib_error_set_errno(errno, "cannot size '%s'", dst);
+out:
+	if (out >= 0 && close(out) < 0 && !err)
+		err = ib_error_set_errno(errno, "cannot write '%s'", dst);
+	if (err && out >= 0)
+		unlink(dst);
+	if (in >= 0)
+		close(in);
+	return err;
+}

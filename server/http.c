@@ -1,0 +1,484 @@
+/*
+ * The HTTP side of the service: routing a request to its handler,
+ * responses and errors (Connect's error body and HTTP mapping), the
+ * structured log (one JSON object a line), and libmicrohttpd's callbacks.
+ */
+#include "server/server-internal.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+
+char *srv_dump_json(const json_t *v, size_t flags)
+{
+	char *s = json_dumps(v, flags | JSON_COMPACT);
+
+	if (!s)
+		abort();
+	return s;
+}
+
+/* Append s (at most max bytes) as a JSON string; bytes of invalid UTF-8 become \\u00XX. */
+static void json_string_to(ib_buf *b, const char *s, size_t max)
+{
+	size_t n = strnlen(s, max), run = 0;
+	bool raw_ok = ib_http_utf8_valid(s, n);
+
+	ib_buf_add(b, "\"", 1);
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		char esc[8];
+
+		if (ch != '"' && ch != '\\' && ch >= 0x20 && ch != 0x7f && (ch < 0x80 || raw_ok))
+			continue;
+		ib_buf_add(b, s + run, i - run);
+		if (ch == '"' || ch == '\\')
+			snprintf(esc, sizeof(esc), "\\%c", ch);
+		else
+			snprintf(esc, sizeof(esc), "\\u%04x", ch);
+		ib_buf_puts(b, esc);
+		run = i + 1;
+	}
+	ib_buf_add(b, s + run, n - run);
+	ib_buf_add(b, "\"", 1);
+}
+
+/* One structured line on the server's log: {"ts": ..., "event": ..., ...}. */
+void srv_event(const ib_server *srv, json_t *obj)
+{
+	char ts[32];
+	ib_buf line = IB_BUF_INIT;
+	char *s;
+
+	if (srv->log_fd < 0) {
+		json_decref(obj);
+		return;
+	}
+	ib_http_time(ts, ib_http_wallclock());
+	/* "ts" first, for people reading the raw lines */
+	s = srv_dump_json(obj, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
+	ib_buf_printf(&line, "{\"ts\":\"%s\",%s\n", ts, s + 1);
+	ib_write_all(srv->log_fd, line.ptr, line.len);
+	ib_buf_free(&line);
+	free(s);
+	json_decref(obj);
+}
+
+json_t *srv_time_or_null(double t)
+{
+	char buf[32];
+
+	if (t <= 0)
+		return json_null();
+	ib_http_time(buf, t);
+	return json_string(buf);
+}
+
+enum MHD_Result srv_send(req *r, struct MHD_Connection *c, unsigned status, struct MHD_Response *resp)
+{
+	enum MHD_Result ret;
+
+	if (!resp)
+		return MHD_NO;
+	r->status = status;
+	r->phase = PHASE_DONE;
+	ret = MHD_queue_response(c, status, resp);
+	MHD_destroy_response(resp);
+	return ret;
+}
+
+/* Respond with body (owned, malloc'd), len bytes. */
+enum MHD_Result srv_respond(req *r, struct MHD_Connection *c, unsigned status, const char *ctype, char *body,
+			       size_t len)
+{
+	struct MHD_Response *resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+
+	if (!resp) {
+		free(body);
+		return MHD_NO;
+	}
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+	r->length = len;
+	return srv_send(r, c, status, resp);
+}
+
+enum MHD_Result srv_respond_json(req *r, struct MHD_Connection *c, json_t *doc)
+{
+	char *s = srv_dump_json(doc, 0);
+
+	json_decref(doc);
+	return srv_respond(r, c, MHD_HTTP_OK, "application/json", s, strlen(s));
+}
+
+enum MHD_Result srv_respond_error(req *r, struct MHD_Connection *c, ib_connect_code code, const char *fmt, ...)
+{
+	struct MHD_Response *resp;
+	va_list ap;
+	char *body;
+
+	va_start(ap, fmt);
+	free(r->message);
+	if (vasprintf(&r->message, fmt, ap) < 0)
+		abort();
+	va_end(ap);
+	r->code = ib_connect_code_name(code);
+	body = ib_connect_error_body(code, r->message);
+	r->length = strlen(body);
+	resp = MHD_create_response_from_buffer(r->length, body, MHD_RESPMEM_MUST_FREE);
+	if (!resp) {
+		free(body);
+		return MHD_NO;
+	}
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+	if (code == IB_CONNECT_UNAUTHENTICATED)
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"imagebuilder\"");
+	return srv_send(r, c, ib_connect_http_status(code), resp);
+}
+
+/* A plain-HTTP status with a Connect-style body, for statuses Connect has no code for. */
+enum MHD_Result srv_respond_http(req *r, struct MHD_Connection *c, unsigned status, ib_connect_code code,
+				    const char *header, const char *value, const char *message)
+{
+	char *body = ib_connect_error_body(code, message);
+	struct MHD_Response *resp;
+
+	free(r->message);
+	r->message = ib_xstrdup(message);
+	r->code = ib_connect_code_name(code);
+	r->length = strlen(body);
+	resp = MHD_create_response_from_buffer(r->length, body, MHD_RESPMEM_MUST_FREE);
+	if (!resp) {
+		free(body);
+		return MHD_NO;
+	}
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+	if (header)
+		MHD_add_response_header(resp, header, value);
+	return srv_send(r, c, status, resp);
+}
+
+const char *srv_header_value(struct MHD_Connection *c, const char *name)
+{
+	return MHD_lookup_connection_value(c, MHD_HEADER_KIND, name);
+}
+
+/* Media type of a Content-Type value is application/json (parameters allowed)? */
+static bool is_json_type(const char *ctype)
+{
+	size_t n;
+
+	if (!ctype)
+		return false;
+	while (*ctype == ' ' || *ctype == '\t')
+		ctype++;
+	n = strcspn(ctype, "; \t");
+	return n == 16 && !strncasecmp(ctype, "application/json", 16);
+}
+
+static enum MHD_Result serve_metrics(req *r, struct MHD_Connection *c)
+{
+	ib_server *srv = r->srv;
+	ib_metrics_gauges g;
+	ib_buf out = IB_BUF_INIT;
+	size_t len;
+
+	pthread_mutex_lock(&srv->mu);
+	g.queued = srv->nqueued + srv->ninserting;
+	g.building = srv->nbuilding;
+	g.draining = srv->draining;
+	pthread_mutex_unlock(&srv->mu);
+	g.jobs = srv->jobs;
+	g.uptime = ib_now() - srv->t_start;
+	ib_metrics_render(srv->metrics, &g, &out);
+	len = out.len;
+	return srv_respond(r, c, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", ib_buf_detach(&out), len);
+}
+
+static bool authorized(ib_server *srv, struct MHD_Connection *c)
+{
+	return !srv->auth || ib_http_bearer_ok(&srv->token, srv_header_value(c, MHD_HTTP_HEADER_AUTHORIZATION));
+}
+
+/* The first call for a request: headers are in, the body (if any) is not. */
+static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *url, const char *method)
+{
+	ib_server *srv = r->srv;
+	bool get = !strcmp(method, MHD_HTTP_METHOD_GET), head = !strcmp(method, MHD_HTTP_METHOD_HEAD);
+	bool post = !strcmp(method, MHD_HTTP_METHOD_POST);
+	const char *p;
+	rpc_kind k;
+
+	if (!strcmp(url, "/healthz")) {
+		bool draining;
+		r->ep = IB_EP_HEALTHZ;
+		if (!get && !head)
+			return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED,
+					    MHD_HTTP_HEADER_ALLOW, "GET, HEAD", "use GET");
+		pthread_mutex_lock(&srv->mu);
+		draining = srv->draining;
+		pthread_mutex_unlock(&srv->mu);
+		return draining ? srv_respond(r, c, MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", ib_xstrdup("draining\n"), 9)
+				: srv_respond(r, c, MHD_HTTP_OK, "text/plain", ib_xstrdup("ok\n"), 3);
+	}
+	k = srv_rpc_of(url);
+	if (k != RPC_NONE)
+		r->ep = srv_rpcs[k].ep;
+	else if (!strcmp(url, "/metrics"))
+		r->ep = IB_EP_METRICS;
+	else if (!strncmp(url, "/v1/builds/", 11))
+		r->ep = IB_EP_LOGS;
+	else if (!strncmp(url, "/v1/images/", 11))
+		r->ep = IB_EP_ROOTFS;
+
+	if (!authorized(srv, c))
+		return srv_respond_error(r, c, IB_CONNECT_UNAUTHENTICATED,
+				     "missing or wrong bearer token (Authorization: Bearer <token>)");
+
+	if (k != RPC_NONE) {
+		const char *ctype = srv_header_value(c, MHD_HTTP_HEADER_CONTENT_TYPE);
+		const char *version = srv_header_value(c, "Connect-Protocol-Version");
+		const char *cenc = srv_header_value(c, MHD_HTTP_HEADER_CONTENT_ENCODING);
+		const char *clen = srv_header_value(c, MHD_HTTP_HEADER_CONTENT_LENGTH);
+		uint64_t n;
+
+		if (version && strcmp(version, "1"))
+			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT,
+					     "connect-protocol-version: '%.16s' is not supported (1)", version);
+		if (get && srv_rpcs[k].side_effect_free)
+			return srv_connect_get(r, c, k);
+		if (!post)
+			return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED,
+					    MHD_HTTP_HEADER_ALLOW, srv_rpcs[k].side_effect_free ? "POST, GET" : "POST",
+					    "Connect unary calls are POST requests");
+		if (!is_json_type(ctype))
+			return srv_respond_http(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, IB_CONNECT_INVALID_ARGUMENT,
+					    "Accept-Post", "application/json",
+					    "content-type must be application/json (the proto codec is not served)");
+		if (cenc && strcmp(cenc, "identity"))
+			return srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED,
+					     "content-encoding '%.32s' is not supported (identity only)", cenc);
+		if (clen && ib_parse_u64(&n, clen, UINT64_MAX) == 0 && n > IB_SERVE_BODY_MAX)
+			return srv_respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED,
+					     "request: %llu bytes; at most %d are accepted", (unsigned long long)n,
+					     IB_SERVE_BODY_MAX);
+		r->phase = PHASE_BODY;
+		return MHD_YES;
+	}
+	if (r->ep == IB_EP_METRICS) {
+		if (!get)
+			return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED,
+					    MHD_HTTP_HEADER_ALLOW, "GET", "use GET");
+		return serve_metrics(r, c);
+	}
+	if (r->ep == IB_EP_LOGS && (p = strchr(url + 11, '/')) && !strcmp(p, "/logs")) {
+		char id[IB_BUILD_ID_MAX];
+		size_t n = (size_t)(p - (url + 11));
+		if (!get && !head)
+			return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED,
+					    MHD_HTTP_HEADER_ALLOW, "GET, HEAD", "use GET");
+		if (n >= sizeof(id))
+			return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no build with that id");
+		memcpy(id, url + 11, n);
+		id[n] = '\0';
+		return srv_serve_logs(r, c, id);
+	}
+	if (r->ep == IB_EP_ROOTFS && (p = strchr(url + 11, '/')) && !strcmp(p, "/rootfs.ext4")) {
+		char id[IB_SHA256_HEX];
+		size_t n = (size_t)(p - (url + 11));
+		if (!get && !head)
+			return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED,
+					    MHD_HTTP_HEADER_ALLOW, "GET, HEAD", "use GET or HEAD");
+		if (n >= sizeof(id))
+			return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no such image");
+		memcpy(id, url + 11, n);
+		id[n] = '\0';
+		return srv_serve_rootfs(r, c, id, head);
+	}
+	r->ep = IB_EP_OTHER;
+	if (!strncmp(url, RPC_PREFIX, sizeof(RPC_PREFIX) - 1))
+		return srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED, "imagebuilder.v1.ImageBuilder has no method '%.64s'",
+				     url + sizeof(RPC_PREFIX) - 1);
+	return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no such endpoint");
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+				  const char *version, const char *upload_data, size_t *upload_data_size,
+				  void **con_cls)
+{
+	req *r = *con_cls;
+	enum MHD_Result ret;
+	rpc_kind k;
+
+	(void)cls;
+	(void)version;
+	if (!r)
+		return MHD_NO;
+	r->conn = c;
+	switch (r->phase) {
+	case PHASE_NEW:
+		snprintf(r->method, sizeof(r->method), "%s", method);
+		return on_headers(r, c, url, method);
+	case PHASE_BODY:
+		if (*upload_data_size) {
+			if (r->body.len + *upload_data_size > IB_SERVE_BODY_MAX)
+				r->too_large = true;
+			else
+				ib_buf_add(&r->body, upload_data, *upload_data_size);
+			*upload_data_size = 0;
+			return MHD_YES;
+		}
+		if (r->too_large)
+			return srv_respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED, "request: at most %d bytes are accepted",
+					     IB_SERVE_BODY_MAX);
+		k = srv_rpc_of(url);
+		if (k == RPC_BUILD_IMAGE) {
+			ib_http_sha256(r->digest, r->body.ptr ? r->body.ptr : "", r->body.len);
+			r->have_digest = true;
+			if (srv_answer_lookup(r->srv, r->digest, r->image_id, r->build_id) &&
+			    srv_image_file_present(r->srv, r->image_id)) {
+				ib_buf_free(&r->body);
+				return srv_respond_cached(r, c);
+			}
+		}
+		ret = srv_dispatch_rpc(r, c, k, r->body.ptr, r->body.len);
+		ib_buf_free(&r->body);
+		return ret;
+	case PHASE_RESUMED: {
+		ib_server *srv = r->srv;
+		const char *status;
+		job *j = r->wait_job;
+
+		pthread_mutex_lock(&srv->mu);
+		status = srv_status_names[j->status];
+		r->wait_job = NULL;
+		srv_job_unref_locked(j);
+		pthread_mutex_unlock(&srv->mu);
+		return srv_cancel_answer(r, c, status);
+	}
+	case PHASE_WAITING: /* not resumed yet: nothing to do */
+		return MHD_YES;
+	case PHASE_DONE:
+		if (*upload_data_size) /* the rest of a body we already answered */
+			*upload_data_size = 0;
+		return MHD_YES;
+	}
+	return MHD_NO;
+}
+
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c)
+{
+	req *r = ib_xcalloc(1, sizeof(*r));
+
+	r->srv = cls;
+	r->conn = c;
+	r->t0 = ib_now();
+	r->ep = IB_EP_OTHER;
+	r->cached = -1;
+	r->uri = ib_xstrndup(uri, strnlen(uri, 512));
+	return r;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe)
+{
+	ib_server *srv = cls;
+	req *r = *con_cls;
+	const union MHD_ConnectionInfo *ci;
+	char addr[INET6_ADDRSTRLEN] = "";
+	double seconds;
+	char *q;
+
+	if (!r)
+		return;
+	*con_cls = NULL;
+	seconds = ib_now() - r->t0;
+	if (r->wait_job) /* completed while waiting (the daemon is stopping) */
+		srv_job_unref(srv, r->wait_job);
+	if (r->status) {
+		ib_metrics_request(srv->metrics, r->ep, r->status, seconds);
+		if (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK && (r->ep == IB_EP_ROOTFS || r->ep == IB_EP_LOGS) &&
+		    r->status < 300)
+			ib_metrics_bytes(srv->metrics, r->ep, r->length);
+	}
+	if (srv->log_fd >= 0) {
+		char ts[32], part[512];
+		ib_buf line = IB_BUF_INIT;
+		int n;
+
+		ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+		if (ci && ci->client_addr) {
+			const struct sockaddr *sa = ci->client_addr;
+			if (sa->sa_family == AF_INET)
+				inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, addr, sizeof(addr));
+			else if (sa->sa_family == AF_INET6)
+				inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof(addr));
+		}
+		if ((q = strchr(r->uri, '?')))
+			*q = '\0';
+		/* By hand rather than through jansson: this runs once per request. */
+		ib_http_time(ts, ib_http_wallclock());
+		ib_buf_grow(&line, 512);
+		n = snprintf(part, sizeof(part), "{\"ts\":\"%s\",\"event\":\"request\",\"method\":", ts);
+		ib_buf_add(&line, part, (size_t)n);
+		json_string_to(&line, r->method, sizeof(r->method));
+		ib_buf_add(&line, ",\"path\":", 8);
+		json_string_to(&line, r->uri, 512);
+		n = snprintf(part, sizeof(part),
+			     ",\"endpoint\":\"%s\",\"status\":%u,\"ms\":%.3f,\"bytes\":%llu,\"remote\":\"%s\"%s%s%s%s%s%s%s%s%s%s",
+			     ib_endpoint_name(r->ep), r->status, seconds * 1e3, (unsigned long long)r->length, addr,
+			     r->code ? ",\"code\":\"" : "", r->code ? r->code : "", r->code ? "\"" : "",
+			     r->build_id[0] ? ",\"build_id\":\"" : "", r->build_id, r->build_id[0] ? "\"" : "",
+			     r->image_id[0] ? ",\"image_id\":\"" : "", r->image_id, r->image_id[0] ? "\"" : "",
+			     r->cached < 0 ? "" : r->cached ? ",\"cached\":true" : ",\"cached\":false");
+		ib_buf_add(&line, part, (size_t)n < sizeof(part) ? (size_t)n : sizeof(part) - 1);
+		if (r->message) {
+			ib_buf_add(&line, ",\"message\":", 11);
+			json_string_to(&line, r->message, 512);
+		}
+		if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
+			ib_buf_puts(&line, ",\"aborted\":true");
+		ib_buf_add(&line, "}\n", 2);
+		ib_write_all(srv->log_fd, line.ptr, line.len);
+		ib_buf_free(&line);
+	}
+	ib_buf_free(&r->body);
+	free(r->uri);
+	free(r->message);
+	free(r);
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+	ib_server *srv = cls;
+	char msg[512];
+	size_t n;
+
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	n = strlen(msg);
+	while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+		msg[--n] = '\0';
+	srv_event(srv, json_pack("{s:s, s:s}", "event", "http_error", "message", msg));
+}
+
+int srv_http_start(ib_server *srv)
+{
+	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
+			 (srv->http_mode == IB_HTTP_POLL ? MHD_USE_POLL : MHD_USE_EPOLL);
+
+	srv->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv,
+				    MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, srv,
+				    MHD_OPTION_LISTEN_SOCKET, srv->listen_fd,
+				    MHD_OPTION_THREAD_POOL_SIZE, srv->http_threads,
+				    MHD_OPTION_CONNECTION_LIMIT, (unsigned)IB_SERVE_CONNECTIONS_MAX,
+				    MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)IB_SERVE_CONN_MEMORY,
+				    MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IB_SERVE_IDLE_TIMEOUT,
+				    MHD_OPTION_URI_LOG_CALLBACK, on_uri, srv,
+				    MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+				    MHD_OPTION_END);
+	if (!srv->mhd)
+		return ib_error_set("cannot start the HTTP server on '%s'", srv->listen);
+	return 0;
+}

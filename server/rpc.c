@@ -1,0 +1,496 @@
+/*
+ * The ImageBuilder methods (CONTRACT.md section 5) over Connect's unary
+ * JSON protocol.  Every method is safe to repeat: BuildImage joins or
+ * answers from the cache, GetBuild and GetImage only read, CancelBuild of a
+ * finished build returns its final status.
+ */
+#include "server/server-internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+const srv_rpc srv_rpcs[] = {
+	[RPC_BUILD_IMAGE] = { "BuildImage", IB_EP_BUILD_IMAGE, false },
+	[RPC_GET_BUILD] = { "GetBuild", IB_EP_GET_BUILD, true },
+	[RPC_CANCEL_BUILD] = { "CancelBuild", IB_EP_CANCEL_BUILD, false },
+	[RPC_GET_IMAGE] = { "GetImage", IB_EP_GET_IMAGE, true },
+};
+
+/* Build ids are ours (32 lowercase hex digits); reject anything else early. */
+bool srv_build_id_ok(const char *s)
+{
+	size_t n = 0;
+
+	for (; s[n]; n++)
+		if (!((s[n] >= '0' && s[n] <= '9') || (s[n] >= 'a' && s[n] <= 'f')) || n >= IB_BUILD_ID_MAX - 1)
+			return false;
+	return n == 32;
+}
+
+static struct answer *answer_slot(ib_server *srv, const unsigned char key[IB_SHA256_LEN])
+{
+	return &srv->answers[((unsigned)key[0] << 8 | key[1]) % ANSWER_SLOTS];
+}
+
+/* A fresh remembered answer for this body: its ids, true. */
+bool srv_answer_lookup(ib_server *srv, const unsigned char key[IB_SHA256_LEN], char image_id[IB_SHA256_HEX],
+			  char build_id[IB_BUILD_ID_MAX])
+{
+	struct answer *a = answer_slot(srv, key);
+	bool hit;
+
+	pthread_mutex_lock(&srv->answer_mu);
+	hit = a->used && !memcmp(a->key, key, IB_SHA256_LEN) && ib_now() - a->checked < ANSWER_TTL;
+	if (hit) {
+		memcpy(image_id, a->image_id, IB_SHA256_HEX);
+		memcpy(build_id, a->build_id, IB_BUILD_ID_MAX);
+	}
+	pthread_mutex_unlock(&srv->answer_mu);
+	return hit;
+}
+
+static void answer_store(ib_server *srv, const unsigned char key[IB_SHA256_LEN], const char *image_id,
+			 const char *build_id)
+{
+	struct answer *a = answer_slot(srv, key);
+
+	pthread_mutex_lock(&srv->answer_mu);
+	memcpy(a->key, key, IB_SHA256_LEN);
+	a->used = true;
+	a->checked = ib_now();
+	snprintf(a->image_id, sizeof(a->image_id), "%s", image_id);
+	snprintf(a->build_id, sizeof(a->build_id), "%s", build_id);
+	pthread_mutex_unlock(&srv->answer_mu);
+}
+
+static json_t *error_json(int step, const char *message, const char *log_tail)
+{
+	char *m = ib_http_utf8_clean(message, SIZE_MAX), *t = ib_http_utf8_clean(log_tail, SIZE_MAX);
+	json_t *e = json_pack("{s:o, s:s, s:s}", "step", step >= 0 ? json_integer(step) : json_null(), "message", m,
+			      "log_tail", t);
+
+	free(m);
+	free(t);
+	return e;
+}
+
+/* The GetBuild answer for a job in memory.  Under mu. */
+static json_t *job_json_locked(ib_server *srv, job *j)
+{
+	json_t *doc = json_object();
+	unsigned pos = j->status == ST_QUEUED ? srv_queue_position(srv, j) : 0;
+
+	json_object_set_new(doc, "build_id", json_string(j->id));
+	json_object_set_new(doc, "image_id", json_string(j->image_id));
+	json_object_set_new(doc, "status", json_string(srv_status_names[j->status]));
+	json_object_set_new(doc, "cached", json_boolean(j->cached));
+	json_object_set_new(doc, "force_build", json_boolean(j->force));
+	json_object_set_new(doc, "timeout_s", json_integer(j->timeout_s));
+	json_object_set_new(doc, "queue_position", pos ? json_integer(pos) : json_null());
+	json_object_set_new(doc, "created_at", srv_time_or_null(j->created));
+	json_object_set_new(doc, "started_at", srv_time_or_null(j->started));
+	json_object_set_new(doc, "finished_at", srv_time_or_null(j->finished));
+	json_object_set_new(doc, "steps", srv_steps_of(j->b));
+	json_object_set_new(doc, "error",
+			    j->status == ST_FAILED || j->status == ST_CANCELLED || j->status == ST_TIMEOUT
+				    ? error_json(j->error_step, j->error, j->log_tail)
+				    : json_null());
+	return doc;
+}
+
+static json_t *record_json(const ib_build_record *rec)
+{
+	json_t *doc = json_object(), *steps = rec->steps ? json_loads(rec->steps, 0, NULL) : NULL;
+
+	json_object_set_new(doc, "build_id", json_string(rec->id));
+	json_object_set_new(doc, "image_id", json_string(rec->image_id));
+	json_object_set_new(doc, "status", json_string(rec->status));
+	json_object_set_new(doc, "cached", json_boolean(rec->cached));
+	json_object_set_new(doc, "force_build", json_boolean(rec->force));
+	json_object_set_new(doc, "timeout_s", json_integer(rec->timeout_s));
+	json_object_set_new(doc, "queue_position", json_null());
+	json_object_set_new(doc, "created_at", srv_time_or_null((double)rec->created));
+	json_object_set_new(doc, "started_at", srv_time_or_null((double)rec->started));
+	json_object_set_new(doc, "finished_at", srv_time_or_null((double)rec->finished));
+	json_object_set_new(doc, "steps", json_is_array(steps) ? steps : json_array());
+	if (steps && !json_is_array(steps))
+		json_decref(steps);
+	json_object_set_new(doc, "error",
+			    ib_build_status_final(rec->status) && strcmp(rec->status, "READY")
+				    ? error_json(rec->error_step, rec->error, rec->log_tail)
+				    : json_null());
+	return doc;
+}
+
+static json_t *field(json_t *msg, const char *snake, const char *camel)
+{
+	json_t *v = json_object_get(msg, snake);
+
+	if (!v || json_is_null(v))
+		v = json_object_get(msg, camel);
+	return json_is_null(v) ? NULL : v;
+}
+
+/* An integer field, as a number or a decimal string (proto3 int64). */
+static int int_field(int64_t *out, json_t *msg, const char *snake, const char *camel)
+{
+	json_t *v = field(msg, snake, camel);
+	uint64_t u;
+
+	if (!v)
+		return 0;
+	if (json_is_integer(v)) {
+		*out = json_integer_value(v);
+		return 1;
+	}
+	if (json_is_real(v) && json_real_value(v) == (double)(int64_t)json_real_value(v)) {
+		*out = (int64_t)json_real_value(v);
+		return 1;
+	}
+	if (json_is_string(v) && ib_parse_u64(&u, json_string_value(v), INT64_MAX) == 0) {
+		*out = (int64_t)u;
+		return 1;
+	}
+	return -1;
+}
+
+static const char *string_field(json_t *msg, const char *snake, const char *camel, bool *bad)
+{
+	json_t *v = field(msg, snake, camel);
+
+	*bad = v && !json_is_string(v);
+	return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* READY, cached: the answer for r->image_id and r->build_id. */
+enum MHD_Result srv_respond_cached(req *r, struct MHD_Connection *c)
+{
+	char *body = ib_xasprintf("{\"image_id\":\"%s\",\"build_id\":\"%s\",\"status\":\"READY\",\"cached\":true}",
+				  r->image_id, r->build_id);
+
+	srv_touch_image(r->srv, r->image_id);
+	ib_metrics_image_lookup(r->srv->metrics, true);
+	r->cached = 1;
+	return srv_respond(r, c, MHD_HTTP_OK, "application/json", body, strlen(body));
+}
+
+static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t *msg)
+{
+	ib_server *srv = r->srv;
+	json_t *spec_v = field(msg, "spec", "spec"), *force_v = field(msg, "force_build", "forceBuild");
+	char *doc = NULL;
+	size_t len;
+	ib_spec *spec = NULL;
+	ib_build *b = NULL;
+	srv_submission sub;
+	int64_t timeout = 0;
+	int err, rc;
+	enum MHD_Result ret;
+	bool force = force_v && json_is_true(force_v);
+
+	if (!spec_v)
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "spec: required");
+	if (force_v && !json_is_boolean(force_v))
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "force_build: must be a boolean");
+	if ((rc = int_field(&timeout, msg, "timeout_s", "timeoutS")) < 0 || timeout < 0 || timeout > IB_TIMEOUT_MAX)
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT,
+				     "timeout_s: must be a whole number of seconds from 1 to %d (0: the default, %d)",
+				     IB_TIMEOUT_MAX, IB_STEP_TIMEOUT_DEFAULT);
+	if (timeout == 0)
+		timeout = IB_STEP_TIMEOUT_DEFAULT;
+
+	/* The spec as an object, or as a JSON document in a string. */
+	if (json_is_object(spec_v)) {
+		doc = srv_dump_json(spec_v, JSON_ENCODE_ANY);
+		len = strlen(doc);
+	} else if (json_is_string(spec_v)) {
+		len = json_string_length(spec_v);
+		doc = ib_xstrndup(json_string_value(spec_v), len);
+		/* keep NUL bytes: the spec parser names the field that holds one */
+		memcpy(doc, json_string_value(spec_v), len);
+	} else {
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT,
+				     "spec: must be an object (or a string holding a JSON document), not %s",
+				     ib_field_type_name(spec_v));
+	}
+	if ((err = ib_spec_parse(&spec, doc, len)) < 0) {
+		const char *m = ib_error_last();
+		ret = err == IB_EINVALID ? srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "%s%s",
+							 strncmp(m, "spec", 4) ? "spec." : "", m)
+					 : srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", m);
+		goto out;
+	}
+	if ((err = ib_build_new(&b, spec, srv->cfg)) < 0) {
+		ret = srv_respond_error(r, c, err == IB_EINVALID ? IB_CONNECT_INVALID_ARGUMENT : IB_CONNECT_INTERNAL,
+					"%s", ib_error_last());
+		goto out;
+	}
+	snprintf(r->image_id, sizeof(r->image_id), "%s", ib_build_plan(b)->image_id);
+	err = srv_submit(srv, spec, b, force, timeout, &sub);
+	spec = NULL;
+	b = NULL;
+	if (err < 0) {
+		ret = srv_respond_error(r, c, sub.code, "%s", ib_error_last());
+		goto out;
+	}
+	snprintf(r->build_id, sizeof(r->build_id), "%s", sub.build_id);
+	if (sub.cached) {
+		if (r->have_digest)
+			answer_store(srv, r->digest, r->image_id, r->build_id);
+		ret = srv_respond_cached(r, c);
+		goto out;
+	}
+	ib_metrics_image_lookup(srv->metrics, false);
+	r->cached = 0;
+	ret = srv_respond_json(r, c, json_pack("{s:s, s:s, s:s, s:b}", "image_id", r->image_id, "build_id", r->build_id,
+					   "status", sub.status, "cached", 0));
+out:
+	ib_build_free(b);
+	ib_spec_free(spec);
+	free(doc);
+	return ret;
+}
+
+/* The build id of a GetBuild or CancelBuild request, or an error response. */
+static const char *build_id_arg(req *r, struct MHD_Connection *c, json_t *msg, enum MHD_Result *ret)
+{
+	bool bad;
+	const char *id = string_field(msg, "build_id", "buildId", &bad);
+
+	if (!id || bad) {
+		*ret = srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "build_id: %s",
+				     bad ? "must be a string" : "required");
+		return NULL;
+	}
+	if (!srv_build_id_ok(id)) {
+		char q[IB_FIELD_QUOTE_MAX];
+		*ret = srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no build %s",
+				     ib_field_quote(q, id, json_string_length(field(msg, "build_id", "buildId"))));
+		return NULL;
+	}
+	snprintf(r->build_id, sizeof(r->build_id), "%s", id);
+	return id;
+}
+
+static enum MHD_Result rpc_get_build(req *r, struct MHD_Connection *c, json_t *msg)
+{
+	ib_server *srv = r->srv;
+	ib_build_record rec;
+	enum MHD_Result ret;
+	const char *id = build_id_arg(r, c, msg, &ret);
+	json_t *doc = NULL;
+	job *j;
+	int rc;
+
+	if (!id)
+		return ret;
+	pthread_mutex_lock(&srv->mu);
+	if ((j = srv_find_job(srv, id)))
+		doc = job_json_locked(srv, j);
+	pthread_mutex_unlock(&srv->mu);
+	if (!doc) {
+		if ((rc = ib_builds_get(srv->builds, id, &rec)) < 0)
+			return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
+		if (rc == 0)
+			return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no build '%s'", id);
+		doc = record_json(&rec);
+		ib_build_record_clear(&rec);
+	}
+	snprintf(r->image_id, sizeof(r->image_id), "%s", json_string_value(json_object_get(doc, "image_id")));
+	json_object_set_new(doc, "log_bytes", json_integer((json_int_t)srv_log_size(srv, id)));
+	json_object_set_new(doc, "log_url", json_sprintf("/v1/builds/%s/logs", id));
+	return srv_respond_json(r, c, doc);
+}
+
+enum MHD_Result srv_cancel_answer(req *r, struct MHD_Connection *c, const char *status)
+{
+	return srv_respond_json(r, c, json_pack("{s:s, s:s}", "build_id", r->build_id, "status", status));
+}
+
+static enum MHD_Result rpc_cancel_build(req *r, struct MHD_Connection *c, json_t *msg)
+{
+	ib_server *srv = r->srv;
+	ib_build_record rec;
+	enum MHD_Result ret;
+	const char *id = build_id_arg(r, c, msg, &ret), *status = NULL;
+	int rc;
+
+	if (!id)
+		return ret;
+	switch (srv_cancel(srv, id, r, &status)) {
+	case SRV_CANCEL_ANSWERED:
+		return srv_cancel_answer(r, c, status);
+	case SRV_CANCEL_WAITING:
+		return MHD_YES;
+	case SRV_CANCEL_UNKNOWN:
+		break;
+	}
+	if ((rc = ib_builds_get(srv->builds, id, &rec)) < 0)
+		return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
+	if (rc == 0)
+		return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no build '%s'", id);
+	snprintf(r->image_id, sizeof(r->image_id), "%s", rec.image_id);
+	ret = srv_cancel_answer(r, c, rec.status);
+	ib_build_record_clear(&rec);
+	return ret;
+}
+
+/* The base URL of rootfs links: --public-url, else the Host the client used. */
+static char *base_url(req *r, struct MHD_Connection *c)
+{
+	const char *host = srv_header_value(c, MHD_HTTP_HEADER_HOST);
+
+	if (r->srv->public_url)
+		return ib_xstrdup(r->srv->public_url);
+	if (host && *host && strlen(host) < 256 && !strpbrk(host, "/\\ \"<>"))
+		return ib_xasprintf("http://%s", host);
+	return ib_xstrdup("");
+}
+
+static enum MHD_Result rpc_get_image(req *r, struct MHD_Connection *c, json_t *msg)
+{
+	ib_server *srv = r->srv;
+	ib_image_info info = { 0 };
+	json_t *doc, *layers;
+	bool bad;
+	const char *id = string_field(msg, "image_id", "imageId", &bad);
+	char *base, created[32];
+	const ib_image_meta *m;
+	int rc;
+
+	if (!id || bad)
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "image_id: %s",
+					 bad ? "must be a string" : "required");
+	if (!ib_is_hex64(id)) {
+		char q[IB_FIELD_QUOTE_MAX];
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT,
+					 "image_id: %s is not an image id (64 hex digits)", ib_field_quote(q, id, strlen(id)));
+	}
+	snprintf(r->image_id, sizeof(r->image_id), "%s", id);
+	if ((rc = ib_cache_image_get(srv->cache, id, &info)) <= 0)
+		return rc < 0 ? srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last())
+			      : srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no image '%s'", id);
+	m = info.meta;
+	layers = json_array();
+	for (size_t i = 0; i < info.nlayers; i++)
+		json_array_append_new(layers, json_string(info.layers[i]));
+	base = base_url(r, c);
+	ib_http_time(created, (double)info.created);
+	doc = json_pack("{s:s, s:s, s:o, s:O, s:o, s:s, s:I, s:s, s:o, s:s+++}", "image_id", info.id, "arch", info.arch,
+			"base", m->base ? json_string(m->base) : json_null(), "env", m->env, "python_version",
+			m->python_version ? json_string(m->python_version) : json_null(), "ext4_sha256",
+			info.ext4_sha256, "ext4_bytes", (json_int_t)info.ext4_bytes, "created_at", created, "layers",
+			layers, "rootfs_url", base, "/v1/images/", info.id, "/rootfs.ext4");
+	free(base);
+	ib_image_info_clear(&info);
+	if (!doc)
+		return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "cannot render image '%s'", id);
+	return srv_respond_json(r, c, doc);
+}
+
+/* ---- routing ---- */
+
+rpc_kind srv_rpc_of(const char *url)
+{
+	if (strncmp(url, RPC_PREFIX, sizeof(RPC_PREFIX) - 1))
+		return RPC_NONE;
+	url += sizeof(RPC_PREFIX) - 1;
+	for (size_t i = 0; i < RPC_COUNT; i++)
+		if (!strcmp(url, srv_rpcs[i].name))
+			return (rpc_kind)i;
+	return RPC_NONE;
+}
+
+enum MHD_Result srv_dispatch_rpc(req *r, struct MHD_Connection *c, rpc_kind k, const char *data, size_t len)
+{
+	json_t *msg;
+	json_error_t jerr;
+	enum MHD_Result ret;
+
+	/* An empty body is the empty message, as in Connect. */
+	if (len == 0) {
+		msg = json_object();
+	} else {
+		msg = json_loadb(data, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+		if (!msg)
+			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: invalid JSON at line %d column %d: %s",
+					     jerr.line, jerr.column, jerr.text);
+		if (!json_is_object(msg)) {
+			json_decref(msg);
+			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: must be a JSON object");
+		}
+	}
+	switch (k) {
+	case RPC_BUILD_IMAGE: ret = rpc_build_image(r, c, msg); break;
+	case RPC_GET_BUILD: ret = rpc_get_build(r, c, msg); break;
+	case RPC_CANCEL_BUILD: ret = rpc_cancel_build(r, c, msg); break;
+	case RPC_GET_IMAGE: ret = rpc_get_image(r, c, msg); break;
+	default: ret = srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED, "no such method"); break;
+	}
+	json_decref(msg);
+	return ret;
+}
+
+/* base64url (RFC 4648 section 5), padding optional; NULL when malformed. */
+static char *base64url_decode(const char *in, size_t *out_len)
+{
+	size_t n = strlen(in), o = 0;
+	char *out = ib_xmalloc(n / 4 * 3 + 4);
+	uint32_t acc = 0;
+	int bits = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		char ch = in[i];
+		int v;
+		if (ch >= 'A' && ch <= 'Z') v = ch - 'A';
+		else if (ch >= 'a' && ch <= 'z') v = ch - 'a' + 26;
+		else if (ch >= '0' && ch <= '9') v = ch - '0' + 52;
+		else if (ch == '-' || ch == '+') v = 62;
+		else if (ch == '_' || ch == '/') v = 63;
+		else if (ch == '=') break;
+		else {
+			free(out);
+			return NULL;
+		}
+		acc = (acc << 6) | (uint32_t)v;
+		bits += 6;
+		if (bits >= 8) {
+			bits -= 8;
+			out[o++] = (char)((acc >> bits) & 0xff);
+		}
+	}
+	out[o] = '\0';
+	*out_len = o;
+	return out;
+}
+
+/* A Connect GET: ?encoding=json&message=...[&base64=1][&compression=identity]. */
+enum MHD_Result srv_connect_get(req *r, struct MHD_Connection *c, rpc_kind k)
+{
+	const char *enc = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "encoding");
+	const char *message = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "message");
+	const char *b64 = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "base64");
+	const char *comp = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "compression");
+	enum MHD_Result ret;
+	char *data;
+	size_t len;
+
+	if (!enc || strcmp(enc, "json"))
+		return srv_respond_http(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, IB_CONNECT_INVALID_ARGUMENT, NULL, NULL,
+				    "encoding: only json is supported");
+	if (comp && *comp && strcmp(comp, "identity"))
+		return srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED, "compression '%.32s' is not supported (identity only)",
+				     comp);
+	if (!message)
+		message = "";
+	if (b64 && !strcmp(b64, "1")) {
+		if (!(data = base64url_decode(message, &len)))
+			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "message: invalid base64");
+	} else {
+		len = strlen(message);
+		data = ib_xstrndup(message, len);
+	}
+	ret = srv_dispatch_rpc(r, c, k, data, len);
+	free(data);
+	return ret;
+}

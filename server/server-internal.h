@@ -1,0 +1,272 @@
+#ifndef IB_SERVER_INTERNAL_H
+#define IB_SERVER_INTERNAL_H
+
+/*
+ * Shared by the files of server/ only.
+ *
+ * Threads:
+ *
+ *   libmicrohttpd's pool    parses requests and answers them (http.c, rpc.c,
+ *                           files.c); never waits for a build (CancelBuild
+ *                           suspends its connection instead, see the waiters)
+ *   builders (--jobs N)     take queued builds and run ib_build_run() (queue.c)
+ *   timer                   resumes CancelBuild connections whose wait ran out
+ *
+ * Builds in memory ("jobs") are on one list, newest last: every queued and
+ * running build, and the last IB_SERVE_RECENT_MAX finished ones.  Older
+ * builds are answered from their records in the cache index (builds.c).
+ * Everything a job has that changes (status, the queue links, refs) is
+ * guarded by srv->mu; the layer states inside job->b by the build itself.
+ */
+#include <jansson.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "builder/build.h"
+#include "builder/config.h"
+#include "cache/cache.h"
+#include "lib/limits.h"
+#include "lib/util.h"
+#include "server/builds.h"
+#include "server/httputil.h"
+#include "server/metrics.h"
+#include "server/server.h"
+#include "spec/spec.h"
+
+#define RPC_PREFIX "/imagebuilder.v1.ImageBuilder/"
+#define TOUCH_SLOTS 256
+#define ANSWER_SLOTS 1024
+#define ANSWER_TTL 1.0   /* seconds a remembered cached answer is trusted without the index */
+#define TOUCH_EVERY 60.0 /* seconds between last_used updates of one image */
+#define SHUTDOWN_MESSAGE "cancelled: the server shut down"
+#define INTERRUPTED_MESSAGE "interrupted: the server stopped before the build finished"
+
+typedef enum job_status {
+	ST_QUEUED,
+	ST_BUILDING,
+	ST_READY,
+	ST_FAILED,
+	ST_CANCELLED,
+	ST_TIMEOUT,
+} job_status;
+
+/* "QUEUED", ... indexed by job_status */
+extern const char *const srv_status_names[];
+
+#define IS_FINAL(s) ((s) >= ST_READY)
+
+typedef struct job {
+	struct job *prev, *next; /* srv->jobs */
+	struct job *qnext;       /* srv->queue */
+	unsigned refs;
+	bool queued;             /* on srv->queue */
+	bool inserting;          /* its record is being written; not runnable yet */
+	char id[IB_BUILD_ID_MAX];
+	char image_id[IB_SHA256_HEX];
+	ib_spec *spec;
+	ib_build *b;
+	bool force;
+	int64_t timeout_s;
+	volatile int cancel;     /* the runner polls it */
+	bool shutdown_cancel;    /* cancelled by the server, not a client */
+	job_status status;
+	double created, started, finished; /* wall clock */
+	double run_t0;           /* ib_now() at start */
+	/* outcome, set with the final status */
+	bool cached;
+	int error_step;
+	char *error;
+	char *log_tail;
+} job;
+
+typedef enum req_phase { PHASE_NEW, PHASE_BODY, PHASE_WAITING, PHASE_RESUMED, PHASE_DONE } req_phase;
+
+/* One HTTP request: made by the URI log callback, freed when it completes. */
+typedef struct req {
+	ib_server *srv;
+	struct MHD_Connection *conn;
+	double t0;
+	char method[16];
+	char *uri;
+	req_phase phase;
+	ib_endpoint ep;
+	ib_buf body;
+	bool too_large;
+	bool have_digest;
+	unsigned char digest[IB_SHA256_LEN]; /* of a BuildImage body */
+	unsigned status;     /* HTTP status queued, 0 none */
+	const char *code;    /* Connect code of an error response */
+	char *message;       /* its message */
+	uint64_t length;     /* response body bytes */
+	char build_id[IB_BUILD_ID_MAX];
+	char image_id[IB_SHA256_HEX];
+	int cached;          /* -1 n/a */
+	/* CancelBuild waiting for its build to stop */
+	job *wait_job;
+	double wait_deadline;
+	struct req *wnext;
+} req;
+
+struct ib_server {
+	ib_cache *cache;
+	ib_builds *builds;
+	ib_metrics *metrics;
+	char *listen;
+	char *public_url;
+	const ib_config *cfg;
+	bool auth;
+	ib_http_token token;
+	unsigned jobs;
+	unsigned http_threads;
+	ib_server_http_mode http_mode;
+	bool cancel_on_shutdown;
+	int log_fd;
+	int lock_fd;
+	int listen_fd;
+	unsigned port;
+	struct MHD_Daemon *mhd;
+	double t_start;
+
+	pthread_mutex_t mu;
+	pthread_cond_t work_cv;  /* the queue has work, or stopping */
+	pthread_cond_t done_cv;  /* a build finished */
+	pthread_cond_t timer_cv; /* a waiter was added, or stopping */
+	job *jobs_head, *jobs_tail;
+	unsigned nfinished;      /* finished jobs on the list */
+	job *queue_head, *queue_tail;
+	unsigned nqueued, nbuilding, ninserting;
+	req *waiters;
+	bool draining, stopping;
+	pthread_t *workers;
+	unsigned nworkers;
+	pthread_t timer;
+	bool timer_running;
+
+	pthread_mutex_t adopt_mu; /* one record for a cached image nobody built here */
+	pthread_mutex_t touch_mu;
+	struct {
+		char id[IB_SHA256_HEX];
+		double at;
+	} touched[TOUCH_SLOTS];
+
+	/*
+	 * Cached answers to BuildImage bodies seen lately, by the SHA-256 of
+	 * the body: a client polling with the same request skips parsing,
+	 * planning and the index for ANSWER_TTL seconds (the image file is
+	 * still checked each time).
+	 */
+	pthread_mutex_t answer_mu;
+	struct answer {
+		unsigned char key[IB_SHA256_LEN];
+		bool used;
+		double checked;
+		char image_id[IB_SHA256_HEX];
+		char build_id[IB_BUILD_ID_MAX];
+	} answers[ANSWER_SLOTS];
+};
+
+/* ---- small helpers ---- */
+
+typedef enum rpc_kind {
+	RPC_NONE = -1,
+	RPC_BUILD_IMAGE,
+	RPC_GET_BUILD,
+	RPC_CANCEL_BUILD,
+	RPC_GET_IMAGE,
+	RPC_COUNT,
+} rpc_kind;
+
+/* The methods, indexed by rpc_kind (rpc.c). */
+typedef struct srv_rpc {
+	const char *name;
+	ib_endpoint ep;
+	bool side_effect_free; /* may come as a Connect GET */
+} srv_rpc;
+
+extern const srv_rpc srv_rpcs[];
+
+/* http.c: responses, the structured log, routing and libmicrohttpd's callbacks */
+char *srv_dump_json(const json_t *v, size_t flags);
+void srv_event(const ib_server *srv, json_t *obj);
+json_t *srv_time_or_null(double t);
+enum MHD_Result srv_send(req *r, struct MHD_Connection *c, unsigned status, struct MHD_Response *resp);
+enum MHD_Result srv_respond(req *r, struct MHD_Connection *c, unsigned status, const char *ctype, char *body,
+			       size_t len);
+enum MHD_Result srv_respond_json(req *r, struct MHD_Connection *c, json_t *doc);
+enum MHD_Result srv_respond_error(req *r, struct MHD_Connection *c, ib_connect_code code, const char *fmt, ...) IB_PRINTF(4, 5);
+enum MHD_Result srv_respond_http(req *r, struct MHD_Connection *c, unsigned status, ib_connect_code code,
+				    const char *header, const char *value, const char *message);
+const char *srv_header_value(struct MHD_Connection *c, const char *name);
+/* Start libmicrohttpd's threads on srv->listen_fd. */
+int srv_http_start(ib_server *srv);
+
+/* files.c: build logs and the image files */
+char *srv_log_path(const ib_server *srv, const char *build_id);
+uint64_t srv_log_size(const ib_server *srv, const char *build_id);
+void srv_build_log(const ib_server *srv, const char *build_id, int fd, const char *fmt, ...) IB_PRINTF(4, 5);
+char *srv_log_tail_of(const ib_server *srv, const char *id);
+void srv_touch_image(ib_server *srv, const char *image_id);
+bool srv_image_file_present(ib_server *srv, const char *image_id);
+enum MHD_Result srv_serve_logs(req *r, struct MHD_Connection *c, const char *id);
+enum MHD_Result srv_serve_rootfs(req *r, struct MHD_Connection *c, const char *id, bool head);
+
+/* queue.c: jobs, the queue and the builder threads */
+void srv_new_build_id(char out[IB_BUILD_ID_MAX]);
+void srv_job_free(job *j);
+void srv_job_ref(job *j);
+void srv_job_unref_locked(job *j);
+void srv_job_unref(ib_server *srv, job *j);
+void srv_list_append(ib_server *srv, job *j);
+void srv_list_remove(ib_server *srv, job *j);
+job *srv_find_job(ib_server *srv, const char *id);
+job *srv_find_inflight(ib_server *srv, const char *image_id, bool force);
+unsigned srv_queue_position(ib_server *srv, const job *j);
+void srv_queue_push(ib_server *srv, job *j);
+void srv_queue_remove(ib_server *srv, job *j);
+void srv_job_finished_locked(ib_server *srv, job *j);
+json_t *srv_steps_of(ib_build *b);
+json_t *srv_steps_all_cached(ib_build *b);
+void srv_build_event(ib_server *srv, const job *j, job_status status, double seconds, const char *error);
+void srv_finish_unrun(ib_server *srv, job *j);
+/* What a submitted build became. */
+typedef struct srv_submission {
+	char build_id[IB_BUILD_ID_MAX];
+	const char *status;   /* its status now: "QUEUED", ... */
+	bool cached;          /* READY: the image was in the cache */
+	ib_connect_code code; /* on failure: internal, unavailable, resource_exhausted */
+} srv_submission;
+
+/*
+ * Submit a planned build (spec and b are taken, freed or kept by the job):
+ * join a build in flight for the same image, answer from the cache (with
+ * the record of the build that made it; images built elsewhere get one
+ * READY record, made once), or queue a new job, recorded before anyone can
+ * run it.  0, or <0 with the message set and out->code for the answer.
+ */
+int srv_submit(ib_server *srv, ib_spec *spec, ib_build *b, bool force, int64_t timeout, srv_submission *out);
+
+typedef enum srv_cancel_result {
+	SRV_CANCEL_UNKNOWN,  /* not in memory: answer from the records */
+	SRV_CANCEL_ANSWERED, /* *out_status is the status to answer */
+	SRV_CANCEL_WAITING,  /* running: r is suspended until it stops or the wait runs out */
+} srv_cancel_result;
+
+srv_cancel_result srv_cancel(ib_server *srv, const char *id, req *r, const char **out_status);
+
+/* The builder threads and the timer: started once, stopped (joined) once. */
+int srv_threads_start(ib_server *srv);
+void srv_threads_stop(ib_server *srv);
+
+/* rpc.c: the ImageBuilder methods */
+bool srv_build_id_ok(const char *s);
+bool srv_answer_lookup(ib_server *srv, const unsigned char key[IB_SHA256_LEN], char image_id[IB_SHA256_HEX],
+			  char build_id[IB_BUILD_ID_MAX]);
+enum MHD_Result srv_respond_cached(req *r, struct MHD_Connection *c);
+enum MHD_Result srv_cancel_answer(req *r, struct MHD_Connection *c, const char *status);
+rpc_kind srv_rpc_of(const char *url);
+enum MHD_Result srv_dispatch_rpc(req *r, struct MHD_Connection *c, rpc_kind k, const char *data, size_t len);
+enum MHD_Result srv_connect_get(req *r, struct MHD_Connection *c, rpc_kind k);
+
+#endif
