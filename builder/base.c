@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "builder/binfmt.h"
 #include "lib/limits.h"
 #include "lib/util.h"
 
@@ -49,6 +50,22 @@ static bool bootstrap_in_memory(ib_bootstrap_memory want, unsigned long long *by
 	return avail_kb >= 4ULL << 20;
 }
 
+/*
+ * What mmdebstrap needs that Debian packages only recommend: named before
+ * any work, with the package that has it.
+ */
+static int preflight(const ib_basedef *b)
+{
+	if (!ib_proc_available("mmdebstrap"))
+		return ib_error_set("bootstrapping base '%s' needs mmdebstrap: install the Debian package mmdebstrap",
+				    b->name);
+	if (strcmp(b->machine, ib_binfmt_host_machine()) && !ib_proc_available("arch-test"))
+		return ib_error_set("bootstrapping base '%s' (%s) on %s needs arch-test, which mmdebstrap uses for "
+				    "foreign architectures: install the Debian package arch-test",
+				    b->name, b->machine, ib_binfmt_host_machine());
+	return 0;
+}
+
 int ib_base_bootstrap(const ib_basedef *b, const char *target, const ib_config *cfg, const ib_proc_opts *popts)
 {
 	const char *mirror = cfg->apt_mirror;
@@ -59,6 +76,8 @@ int ib_base_bootstrap(const ib_basedef *b, const char *target, const ib_config *
 	unsigned long long ram_bytes = 0;
 	int err;
 
+	if ((err = preflight(b)) < 0)
+		return err;
 	/*
 	 * In memory, mmdebstrap's dpkg and apt wait for no disk: their fsyncs
 	 * (each one a journal commit of everything written so far) are what
@@ -107,7 +126,7 @@ int ib_base_bootstrap(const ib_basedef *b, const char *target, const ib_config *
 	if (mirror && *mirror)
 		ib_strv_push(&argv, mirror);
 
-	ib_strv_push(&env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+	ib_strv_push(&env, "PATH=" IB_HOST_PATH);
 	ib_strv_push(&env, "LC_ALL=C.UTF-8");
 	ib_strv_pushf(&env, "SOURCE_DATE_EPOCH=%lld", (long long)epoch);
 	ib_strv_push(&env, "DEBIAN_FRONTEND=noninteractive");

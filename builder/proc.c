@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -12,6 +13,25 @@
 #include <unistd.h>
 
 #include "lib/util.h"
+
+bool ib_proc_available(const char *program)
+{
+	const char *p = IB_HOST_PATH;
+
+	while (*p) {
+		size_t n = strcspn(p, ":");
+		char *path = ib_xasprintf("%.*s/%s", (int)n, p, program);
+		bool ok = access(path, X_OK) == 0;
+
+		free(path);
+		if (ok)
+			return true;
+		p += n;
+		if (*p == ':')
+			p++;
+	}
+	return false;
+}
 
 static void __attribute__((noreturn)) exec_child(const char *const *argv, const ib_proc_opts *opts, int out_w)
 {

@@ -1,6 +1,8 @@
 #ifndef IB_PROC_H
 #define IB_PROC_H
 
+#include <stdbool.h>
+
 #include "lib/util.h"
 
 /*
@@ -10,6 +12,12 @@
  * starts disappear with it, also when it is killed.
  */
 #define IB_PROC_ISOLATE 0x1
+
+/* The PATH host programs run with (mmdebstrap and what it runs). */
+#define IB_HOST_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/* Is program an executable file in one of IB_HOST_PATH's directories? */
+bool ib_proc_available(const char *program);
 
 typedef struct ib_proc_opts {
 	unsigned flags;

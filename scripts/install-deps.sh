@@ -3,10 +3,13 @@
 # Idempotent: does nothing when everything is there already.
 set -eu
 
+# Installed with --no-install-recommends, so what a tool only recommends but
+# imagebuilder or its tests use is named here too (arch-test: mmdebstrap's
+# check of foreign architectures).
 PKGS="gcc make pkg-config libc6-dev
 libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libmicrohttpd-dev libgit2-dev
-qemu-user-static qemu-system-x86 patchelf
-mmdebstrap e2fsprogs python3 ca-certificates bc git curl"
+qemu-user-static qemu-system-x86 arch-test patchelf
+mmdebstrap e2fsprogs python3 python3-pip-whl ca-certificates bc git curl"
 # a cross compiler for the init of the other architecture
 case "$(uname -m)" in
 x86_64) PKGS="$PKGS gcc-aarch64-linux-gnu libc6-dev-arm64-cross" ;;

@@ -29,3 +29,31 @@ if grep -qE '^(\./)?etc/debian_version$' "$T/list"; then fail "tar has /etc/debi
 if grep -qE '^(\./)?usr/share/doc/apt' "$T/list"; then fail "tar has /usr/share/doc/apt"; fi
 grep -qE '^(\./)?usr/share/doc/fresh/file$' "$T/list" || fail "tar lacks the new file"
 ok "the same in the tar export"
+
+# An init that a later step hides: the merged view has none, so the image
+# gets imagebuilder's.  Step 1 installs a /sbin/init (/sbin -> usr/sbin);
+# then either /usr/sbin is replaced without it (an opaque directory over
+# it) or removed altogether (a whiteout on its parent).
+init_of() {
+	debugfs -R "dump /usr/sbin/init $T/init.$1" "$T/$1.ext4" >/dev/null 2>&1
+	cmp -s "$T/init.$1" "$IB_TEST_BUILD/ib-init-$(uname -m)"
+}
+for how in opaque whiteout; do
+	case $how in
+	opaque) hide='"cp -a /usr/sbin /usr/sbin.keep", "rm /usr/sbin.keep/init", "rm -rf /usr/sbin", "mv /usr/sbin.keep /usr/sbin", "test -x /usr/sbin/useradd"' ;;
+	whiteout) hide='"rm -rf /usr/sbin"' ;;
+	esac
+	cat > "$T/$how.json" <<JSON
+{"base": "debian_amd64", "steps": [
+  {"run_commands": ["printf '#!/bin/sh\\\\necho not-this-init\\\\n' > /sbin/init", "chmod 755 /sbin/init"]},
+  {"run_commands": [$hide, "test ! -e /sbin/init", "echo $$ > /run-id"]}
+]}
+JSON
+	"$IB" build --cache-dir "$C" -o "$T/$how.ext4" "$T/$how.json" >/dev/null 2>"$T/$how.log" ||
+		fail "build ($how) failed: $(tail "$T/$how.log")"
+	fsck_clean "$T/$how.ext4"
+	init_of "$how" || fail "the init hidden by a later step ($how) counted as the image's own: /sbin/init is not imagebuilder's"
+	img_cat "$T/$how.ext4" /etc/imagebuilder/image.json | grep -q '"init": "imagebuilder:' ||
+		fail "image.json does not record imagebuilder's init ($how)"
+done
+ok "an init hidden by a later step (opaque directory, whiteout on its parent) is replaced by imagebuilder's"

@@ -1,47 +1,26 @@
-# The pinned python: a python-build-standalone-style archive made here from a
-# real CPython (not Debian's), served with a PEP 503 index on 127.0.0.1; the
-# image's python3/pip3 must be the pin, pip_install and cloudpickle must
-# import with it, and a wrong digest must fail with nothing cached.
+# The pinned python: a python-build-standalone-style archive made here (from
+# Debian's python3, with a marker module), served with a PEP 503 index on
+# 127.0.0.1; the image's python3/pip3 must be the pin (the marker imports, no
+# Debian python3 is installed), pip_install and cloudpickle must import with
+# it, and a wrong digest must fail with nothing cached.
 . "$(dirname "$0")/lib.sh"
 C="$SHARED_CACHE"
 
-src=""
-for d in /root/.pyenv/versions/3.12.* /usr/local/python3.12*; do
-	[ -x "$d/bin/python3" ] && { src=$d; break; }
-done
-if [ -z "$src" ]; then
-	echo "skip: no CPython 3.12 interpreter besides Debian's (e.g. pyenv's) to make a test archive from"
-	exit 77
-fi
-V=$("$src/bin/python3" -c 'import platform; print(platform.python_version())')
-[ "$V" != "$(/usr/bin/python3 -c 'import platform; print(platform.python_version())')" ] || fail "same as Debian's"
-REL=20990101
 M=$(uname -m)
-
-# A relocatable install_only-style tree: python/bin, python/lib (stdlib, pip).
-P="$T/pbs/python"
-mkdir -p "$P/bin" "$P/lib/python3.12/site-packages"
-cp -a "$src/bin/python3.12" "$P/bin/"
-ln -s python3.12 "$P/bin/python3"
-cp -a "$src"/lib/libpython3.12.so* "$P/lib/" 2>/dev/null || true
-tar -C "$src/lib/python3.12" --exclude=site-packages --exclude=test --exclude=idlelib --exclude=tkinter \
-	--exclude=__pycache__ --exclude=ensurepip --exclude='config-3.12*' -cf - . | tar -C "$P/lib/python3.12" -xf -
-cp -a "$src"/lib/python3.12/site-packages/pip "$src"/lib/python3.12/site-packages/pip-*.dist-info \
-	"$P/lib/python3.12/site-packages/"
-printf '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/python3" -m pip "$@"\n' > "$P/bin/pip3"
-chmod 755 "$P/bin/pip3"
-if ls "$P"/lib/libpython3.12.so* >/dev/null 2>&1; then
-	patchelf --set-rpath '$ORIGIN/../lib' "$P/bin/python3.12" || fail "patchelf"
-fi
-"$P/bin/python3" -c 'import sys; assert sys.prefix.endswith("/pbs/python"), sys.prefix' || fail "archive python is not relocatable"
+REL=20990101
+# The archive: Debian's own python3 laid out the python-build-standalone way
+# (tests/fixtures/pbs-archive.sh), with a marker module only it has.
 mkdir -p "$T/mirror/$REL"
+"$TOP/tests/fixtures/pbs-archive.sh" "$T/pbs.tar.gz" "t0600-$$" >"$T/pbs.version" 2>"$T/pbs.log" ||
+	fail "cannot make the test archive: $(cat "$T/pbs.log")"
+V=$(cat "$T/pbs.version")
 A="$T/mirror/$REL/cpython-$V+$REL-$M-unknown-linux-gnu-install_only.tar.gz"
-tar -C "$T/pbs" --owner=1000 --group=1000 -czf "$A" python
+mv "$T/pbs.tar.gz" "$A"
 digest=$(sha256sum "$A" | cut -d' ' -f1)
 cp "$A" "$T/mirror/$REL/cpython-3.12.77+$REL-$M-unknown-linux-gnu-install_only.tar.gz"
 printf '{"%s": {"release": "%s", "sha256": {"%s": "%s"}}, "3.12.77": {"release": "%s", "sha256": {"%s": "%s"}}}\n' \
 	"$V" "$REL" "$M" "$digest" "$REL" "$M" "$(printf 0%.0s $(seq 64))" > "$T/versions.json"
-ok "made $(basename "$A") ($(du -h "$A" | cut -f1)) from $src"
+ok "made $(basename "$A") ($(du -h "$A" | cut -f1)) from Debian's python3 $V"
 
 # cloudpickle from Debian's package, as a wheel on the test index.
 mkdir -p "$T/deb" "$T/wheels"
@@ -63,7 +42,9 @@ cat > "$T/spec.json" <<JSON
   {"run_commands": [
     "python3 --version > /pyver.txt",
     "pip3 --version > /pipver.txt",
-    "python3 -c 'import cloudpickle, ibtest; print(ibtest.hello()); print(cloudpickle.loads(cloudpickle.dumps(lambda x: x + 1))(41))' > /imports.txt"
+    "python3 -c 'import cloudpickle, ibtest; print(ibtest.hello()); print(cloudpickle.loads(cloudpickle.dumps(lambda x: x + 1))(41))' > /imports.txt",
+    "python3 -c 'import sys, ib_pbs_marker; print(ib_pbs_marker.MARKER, sys.executable)' > /marker.txt",
+    "command -v python3 > /which.txt"
   ]}
 ]}
 JSON
@@ -73,7 +54,11 @@ JSON
 	fail "layers: $(json_get "$T/b.json" '[l["kind"] for l in d["layers"]]')"
 fsck_clean "$T/out.ext4"
 [ "$(img_cat "$T/out.ext4" /pyver.txt)" = "Python $V" ] || fail "python3 --version: '$(img_cat "$T/out.ext4" /pyver.txt)'"
-img_cat "$T/out.ext4" /pipver.txt | grep -q "python 3.12" || fail "pip3 is not the pinned python's: $(img_cat "$T/out.ext4" /pipver.txt)"
+img_cat "$T/out.ext4" /pipver.txt | grep -q "python ${V%.*}" || fail "pip3 is not the pinned python's: $(img_cat "$T/out.ext4" /pipver.txt)"
+[ "$(img_cat "$T/out.ext4" /marker.txt)" = "t0600-$$ /usr/local/bin/python3" ] ||
+	fail "python3 in the image is not the archive's: '$(img_cat "$T/out.ext4" /marker.txt)'"
+[ "$(img_cat "$T/out.ext4" /which.txt)" = /usr/local/bin/python3 ] || fail "python3 on PATH: $(img_cat "$T/out.ext4" /which.txt)"
+img_exists "$T/out.ext4" /usr/bin/python3 && fail "Debian's python3 was installed into the image"
 [ "$(img_cat "$T/out.ext4" /imports.txt)" = "$(printf 'hello from ibtest 1.0\n42')" ] ||
 	fail "imports: '$(img_cat "$T/out.ext4" /imports.txt)'"
 img_exists "$T/out.ext4" /usr/local/bin/python3 || fail "no /usr/local/bin/python3"
