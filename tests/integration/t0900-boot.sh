@@ -26,8 +26,8 @@ command -v qemu-system-x86_64 >/dev/null ||
 	skip "no qemu-system-x86_64 (Debian's qemu-system-x86; scripts/install-deps.sh installs it)"
 [ "$(id -u)" = 0 ] || skip "needs root (builds, and the initramfs's /dev/console node)"
 
-# The image: an env step, and a run_commands step that installs the program
-# the init runs.  It prints what the test checks, leaves a daemon behind for
+# The image: an env step, a /sbin/init that a later step hides, and a
+# run_commands step that installs the program the init runs.  It prints what the test checks, leaves a daemon behind for
 # the init to stop at power-off, and names the host from /etc/hostname.
 cat > "$T/boot-check" <<'EOF'
 #!/bin/sh
@@ -61,6 +61,11 @@ print(json.dumps({
         {"env": {"IB_BOOT_CHECK": "hello-from-env",
                  "IB_BOOT_QUOTED": "a \"b\" \\c $d `e` 'f'\tg",
                  "IB_BOOT_INIT": sys.argv[2]}},
+        # an init that a later step hides (an opaque /usr/sbin without it):
+        # the image has none of its own, so it gets imagebuilder's and boots
+        {"run_commands": ["printf '#!/bin/sh\\necho not-this-init\\n' > /sbin/init", "chmod 755 /sbin/init"]},
+        {"run_commands": ["cp -a /usr/sbin /usr/sbin.keep", "rm /usr/sbin.keep/init", "rm -rf /usr/sbin",
+                          "mv /usr/sbin.keep /usr/sbin", "test ! -e /sbin/init"]},
         {"run_commands": [
             "cat > /usr/local/bin/boot-check <<'BOOT_CHECK'\n" + script + "BOOT_CHECK",
             "chmod 755 /usr/local/bin/boot-check",
