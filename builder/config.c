@@ -77,6 +77,7 @@ int ib_config_init(ib_config *cfg, const char *const *envp)
 	ib_config_set(&cfg->pip_index_url, env_get(envp, "IMAGEBUILDER_PIP_INDEX_URL"));
 	ib_config_set(&cfg->python_mirror, env_get(envp, "IMAGEBUILDER_PYTHON_MIRROR"));
 	ib_config_set(&cfg->tmpdir, env_get(envp, "TMPDIR"));
+	ib_config_set(&cfg->crash_at, env_get(envp, "IMAGEBUILDER_CRASH_AT"));
 	ib_config_set(&cfg->base_images, env_get(envp, "IMAGEBUILDER_BASE_IMAGES"));
 	if (!cfg->base_images)
 		cfg->base_images = find_base_images(cfg->program_dir);
@@ -109,5 +110,6 @@ void ib_config_clear(ib_config *cfg)
 	free(cfg->base_images);
 	free(cfg->program_dir);
 	free(cfg->tmpdir);
+	free(cfg->crash_at);
 	*cfg = (ib_config)IB_CONFIG_INIT;
 }

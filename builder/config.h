@@ -29,6 +29,7 @@ typedef struct ib_config {
 	char *tmpdir;           /* TMPDIR, passed on to mmdebstrap; NULL: unset */
 	int64_t epoch;          /* SOURCE_DATE_EPOCH, else IB_DEFAULT_EPOCH */
 	ib_bootstrap_memory bootstrap_memory; /* IMAGEBUILDER_BOOTSTRAP_IN_MEMORY: 0, 1, else auto */
+	char *crash_at;         /* IMAGEBUILDER_CRASH_AT: a crash point to die at (tests); NULL: none */
 } ib_config;
 
 #define IB_CONFIG_INIT { 0 }

@@ -9,6 +9,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include "lib/crash.h"
 #include "lib/hash.h"
 #include "lib/limits.h"
 #include "lib/util.h"
@@ -20,6 +21,39 @@ static int git_fail(const char *what, const char *subject)
 	return ib_error_set("%s '%s': %s", what, subject, e && e->message ? e->message : "unknown libgit2 error");
 }
 
+/*
+ * A new bare mirror of url at path: made at path.new-<pid> and renamed into
+ * place once its remote is set, so a mirror at path is always complete
+ * (a crash leaves a .new-<pid> dir, which gc collects).
+ */
+static int create_mirror(const char *path, const char *url)
+{
+	char *tmp = ib_xasprintf("%s.new-%ld", path, (long)getpid());
+	git_repository *repo = NULL;
+	git_remote *remote = NULL;
+	int err = 0;
+
+	ib_rm_rf(tmp);
+	if (git_repository_init(&repo, tmp, 1) < 0) {
+		err = git_fail("cannot create the git mirror", tmp);
+		goto out;
+	}
+	if (git_remote_create_with_fetchspec(&remote, repo, "origin", url, "+refs/*:refs/*") < 0) {
+		err = git_fail("cannot set up the git mirror", tmp);
+		goto out;
+	}
+	IB_CRASH_POINT("git-mirror:after-init");
+	if (rename(tmp, path) < 0)
+		err = ib_error_set_errno(errno, "cannot move the git mirror into '%s'", path);
+out:
+	git_remote_free(remote);
+	git_repository_free(repo);
+	if (err)
+		ib_rm_rf(tmp);
+	free(tmp);
+	return err;
+}
+
 /* Open (creating when missing) the bare mirror and fetch every ref from url. */
 static int update_mirror(git_repository **out, const char *path, const char *url)
 {
@@ -29,17 +63,23 @@ static int update_mirror(git_repository **out, const char *path, const char *url
 	int err = 0;
 
 	git_fetch_options_init(&fo, GIT_FETCH_OPTIONS_VERSION);
-	if (git_repository_open_bare(&repo, path) < 0) {
-		if (git_repository_init(&repo, path, 1) < 0)
-			return git_fail("cannot create the git mirror", path);
-		if (git_remote_create_with_fetchspec(&remote, repo, "origin", url, "+refs/*:refs/*") < 0) {
-			err = git_fail("cannot set up the git mirror", path);
+	if (git_repository_open_bare(&repo, path) == 0 && git_remote_lookup(&remote, repo, "origin") < 0) {
+		/* a mirror an earlier version left half made: make it anew */
+		git_repository_free(repo);
+		repo = NULL;
+		ib_rm_rf(path);
+	}
+	if (!repo) {
+		if ((err = create_mirror(path, url)) < 0)
+			return err;
+		if (git_repository_open_bare(&repo, path) < 0)
+			return git_fail("cannot open the git mirror", path);
+		if (git_remote_lookup(&remote, repo, "origin") < 0) {
+			err = git_fail("cannot read the git mirror", path);
 			goto out;
 		}
-	} else if (git_remote_lookup(&remote, repo, "origin") < 0) {
-		err = git_fail("cannot read the git mirror", path);
-		goto out;
-	} else if (strcmp(git_remote_url(remote), url)) {
+	}
+	if (strcmp(git_remote_url(remote), url)) {
 		err = ib_error_set("git mirror '%s' belongs to '%s', not '%s'", path, git_remote_url(remote), url);
 		goto out;
 	}
@@ -49,6 +89,7 @@ static int update_mirror(git_repository **out, const char *path, const char *url
 		err = git_fail("cannot fetch", url);
 		goto out;
 	}
+	IB_CRASH_POINT("git-mirror:after-fetch");
 out:
 	git_remote_free(remote);
 	if (err) {

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "lib/crash.h"
 #include "lib/limits.h"
 #include "lib/util.h"
 
@@ -29,8 +30,9 @@ int ib_python_fetch(char **out_path, ib_cache *cache, const ib_python_pin *pin, 
 {
 	char *dir = ib_xasprintf("%s/downloads", ib_cache_dir(cache));
 	char *path = ib_xasprintf("%s/%s.tar.gz", dir, pin->sha256);
+	char *scratch = NULL, *part = NULL;
 	char hex[IB_SHA256_HEX];
-	int err;
+	int err, lockfd = -1;
 
 	if ((err = ib_mkdir_p(dir, 0755)) < 0)
 		goto out;
@@ -42,8 +44,24 @@ int ib_python_fetch(char **out_path, ib_cache *cache, const ib_python_pin *pin, 
 			goto out;
 		unlink(path);
 	}
-	err = ib_fetch(pin->url, path, pin->sha256, NULL, opts);
+	/* into a scratch dir (a crash leaves it to ib_cache_clean_tmp), then into the store */
+	if ((err = ib_cache_mktemp(cache, &scratch, &lockfd)) < 0)
+		goto out;
+	part = ib_xasprintf("%s/archive", scratch);
+	if ((err = ib_fetch(pin->url, part, pin->sha256, NULL, opts)) < 0)
+		goto out;
+	IB_CRASH_POINT("download:after-fetch");
+	if (rename(part, path) < 0) {
+		err = ib_error_set_errno(errno, "cannot move the download into '%s'", path);
+		goto out;
+	}
+	if ((err = ib_fsync_dir(dir)) < 0)
+		goto out;
+	IB_CRASH_POINT("download:after-rename");
 out:
+	ib_cache_rmtemp(scratch, lockfd);
+	free(scratch);
+	free(part);
 	free(dir);
 	if (err) {
 		free(path);

@@ -14,6 +14,7 @@
 #include <stdarg.h>
 
 #include "layer/tree.h"
+#include "lib/crash.h"
 #include "lib/util.h"
 
 
@@ -74,6 +75,15 @@ static const char *const migrations[] = {
 	"ALTER TABLE builds ADD COLUMN steps TEXT;"
 	"CREATE INDEX builds_image ON builds(image_id, status, created);"
 	"CREATE INDEX builds_status ON builds(status);",
+	/*
+	 * 4: generations.  A re-committed layer (build --force) or a
+	 * re-exported image goes in beside the old one, under the next
+	 * generation, and the row switches to it in one statement: the row
+	 * never names missing or half-replaced data.  Generation 0 is the
+	 * plain name (layers/<key>, images/<id>.ext4), g > 0 adds ".g".
+	 */
+	"ALTER TABLE layers ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE images ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;",
 };
 
 int ib_cache__db_error(sqlite3 *db, const char *what)
@@ -189,14 +199,61 @@ const char *ib_cache_dir(const ib_cache *c)
 	return c->dir;
 }
 
-char *ib_cache_layer_path(const ib_cache *c, const char *key)
+char *ib_cache__layer_dir(const ib_cache *c, const char *key, int64_t gen)
 {
+	if (gen)
+		return ib_xasprintf("%s/layers/%s.%lld", c->dir, key, (long long)gen);
 	return ib_xasprintf("%s/layers/%s", c->dir, key);
 }
 
-char *ib_cache_image_path(const ib_cache *c, const char *id)
+char *ib_cache__image_file(const ib_cache *c, const char *id, int64_t gen)
 {
+	if (gen)
+		return ib_xasprintf("%s/images/%s.%lld.ext4", c->dir, id, (long long)gen);
 	return ib_xasprintf("%s/images/%s.ext4", c->dir, id);
+}
+
+int ib_cache__row_gen(ib_cache *c, const char *table, const char *id, int64_t *out)
+{
+	sqlite3_stmt *st = NULL;
+	char sql[96];
+	int rc, ret = 0;
+
+	snprintf(sql, sizeof(sql), "SELECT gen FROM %s WHERE %s = ?", table, strcmp(table, "layers") ? "id" : "key");
+	if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK)
+		return ib_cache__db_error(c->db, "cannot read the cache index");
+	sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		*out = sqlite3_column_int64(st, 0);
+		ret = 1;
+	} else if (rc != SQLITE_DONE) {
+		ret = ib_cache__db_error(c->db, "cannot read the cache index");
+	}
+	sqlite3_finalize(st);
+	return ret;
+}
+
+/* The path of a layer or image as its row names it (generation 0 when there is no row). */
+static char *indexed_path(ib_cache *c, const char *table, const char *id)
+{
+	int64_t gen = 0;
+
+	pthread_mutex_lock(&c->lock);
+	if (ib_cache__row_gen(c, table, id, &gen) <= 0)
+		gen = 0;
+	pthread_mutex_unlock(&c->lock);
+	return strcmp(table, "layers") ? ib_cache__image_file(c, id, gen) : ib_cache__layer_dir(c, id, gen);
+}
+
+char *ib_cache_layer_path(ib_cache *c, const char *key)
+{
+	return indexed_path(c, "layers", key);
+}
+
+char *ib_cache_image_path(ib_cache *c, const char *id)
+{
+	return indexed_path(c, "images", id);
 }
 
 static int lock_file(const char *path, int op, int *out_fd)
@@ -220,24 +277,42 @@ static int lock_file(const char *path, int op, int *out_fd)
 
 int ib_cache_mktemp(ib_cache *c, char **out, int *out_lockfd)
 {
-	char *tmpl = ib_xasprintf("%s/tmp/b-XXXXXX", c->dir);
-	char *lock = NULL;
-	int fd = -1, err;
+	char *lock = NULL, *dir = NULL;
+	int fd = -1, err = 0;
 
-	if (!mkdtemp(tmpl)) {
-		err = ib_error_set_errno(errno, "cannot create a directory in '%s/tmp'", c->dir);
-		free(tmpl);
-		return err;
+	/*
+	 * The lock first, then the dir: a scratch dir never exists without a
+	 * lock file, so ib_cache_clean_tmp() can tell a dead owner's.
+	 */
+	for (int attempt = 0; attempt < 100; attempt++) {
+		unsigned char r[6];
+		char name[16];
+		if (getentropy(r, sizeof(r)) < 0)
+			return ib_error_set_errno(errno, "cannot make a scratch name");
+		ib_hex(name, r, sizeof(r));
+		lock = ib_xasprintf("%s/tmp/b-%s.lock", c->dir, name);
+		dir = ib_xasprintf("%s/tmp/b-%s", c->dir, name);
+		fd = open(lock, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0 && mkdir(dir, 0700) == 0)
+			break;
+		err = errno;
+		if (fd >= 0) {
+			unlink(lock);
+			close(fd);
+		}
+		fd = -1;
+		free(lock);
+		free(dir);
+		lock = dir = NULL;
+		if (err != EEXIST && err != EWOULDBLOCK)
+			return ib_error_set_errno(err, "cannot create a directory in '%s/tmp'", c->dir);
 	}
-	lock = ib_xasprintf("%s.lock", tmpl);
-	err = lock_file(lock, LOCK_EX, &fd);
 	free(lock);
-	if (err) {
-		rmdir(tmpl);
-		free(tmpl);
-		return err;
+	if (fd < 0) {
+		free(dir);
+		return ib_error_set("cannot find a free scratch name in '%s/tmp'", c->dir);
 	}
-	*out = tmpl;
+	*out = dir;
 	*out_lockfd = fd;
 	return 0;
 }
@@ -254,7 +329,7 @@ void ib_cache_rmtemp(char *path, int lockfd)
 		close(lockfd);
 }
 
-int ib_cache_clean_tmp(ib_cache *c)
+int ib_cache__sweep_tmp(ib_cache *c, bool remove, unsigned *count, uint64_t *bytes)
 {
 	char *tmp = ib_xasprintf("%s/tmp", c->dir);
 	DIR *d = opendir(tmp);
@@ -276,8 +351,14 @@ int ib_cache_clean_tmp(ib_cache *c)
 		lock = ib_xasprintf("%s/%s", tmp, de->d_name);
 		dir = ib_xasprintf("%s/%.*s", tmp, (int)(len - 5), de->d_name);
 		if (lock_file(lock, LOCK_EX | LOCK_NB, &fd) == 0) {
-			ib_rm_rf(dir);
-			unlink(lock);
+			if (count)
+				(*count)++;
+			if (bytes)
+				*bytes += ib_du(dir);
+			if (remove) {
+				ib_rm_rf(dir);
+				unlink(lock);
+			}
 			close(fd);
 		}
 		free(lock);
@@ -286,6 +367,11 @@ int ib_cache_clean_tmp(ib_cache *c)
 	closedir(d);
 	free(tmp);
 	return err;
+}
+
+int ib_cache_clean_tmp(ib_cache *c)
+{
+	return ib_cache__sweep_tmp(c, true, NULL, NULL);
 }
 
 int ib_cache_lock_layer(ib_cache *c, const char *key, unsigned flags, volatile int *cancel, double deadline,
@@ -329,6 +415,15 @@ int ib_cache_share_lock(int fd)
 	return 0;
 }
 
+int ib_cache__lock_image(ib_cache *c, const char *id, bool nowait, int *out_fd)
+{
+	char *path = ib_xasprintf("%s/locks/image-%s.lock", c->dir, id);
+	int err = lock_file(path, LOCK_EX | (nowait ? LOCK_NB : 0), out_fd);
+
+	free(path);
+	return err;
+}
+
 void ib_cache_unlock(int fd)
 {
 	if (fd >= 0)
@@ -363,7 +458,7 @@ int ib_cache_layer_get(ib_cache *c, const char *key, ib_layer_info *info)
 	int rc, ret = 0;
 
 	pthread_mutex_lock(&c->lock);
-	if (sqlite3_prepare_v2(c->db, "SELECT key, parent, digest, kind, bytes, files, seconds"
+	if (sqlite3_prepare_v2(c->db, "SELECT key, parent, digest, kind, bytes, files, seconds, gen"
 				      " FROM layers WHERE key = ?", -1, &st, NULL) != SQLITE_OK) {
 		ret = ib_cache__db_error(c->db, "cannot read the cache index");
 		goto out;
@@ -376,7 +471,7 @@ int ib_cache_layer_get(ib_cache *c, const char *key, ib_layer_info *info)
 		ret = ib_cache__db_error(c->db, "cannot read the cache index");
 		goto out;
 	}
-	path = ib_cache_layer_path(c, key);
+	path = ib_cache__layer_dir(c, key, sqlite3_column_int64(st, 7));
 	if (!path_is_dir(path))
 		goto out;
 	ret = 1;
@@ -424,6 +519,8 @@ int ib_cache__discard_dir(ib_cache *c, const char *path)
 	char *dst = ib_xasprintf("%s/old", trash);
 	if (rename(path, dst) < 0 && errno != ENOENT)
 		err = ib_error_set_errno(errno, "cannot move '%s' aside", path);
+	else
+		IB_CRASH_POINT("layer-discard:after-move");
 	free(dst);
 	ib_cache_rmtemp(trash, fd);
 	free(trash);
@@ -468,21 +565,30 @@ int ib_cache_layer_commit_sealed(ib_cache *c, const char *key, const char *paren
 {
 	const char *digest = seal->digest;
 	uint64_t bytes = seal->bytes, files = seal->files;
-	char *path = NULL, *layers = NULL;
+	char *path = NULL, *old = NULL, *layers = NULL;
 	sqlite3_stmt *st = NULL;
-	int err = 0, renamed = 0;
-	int64_t now = (int64_t)time(NULL);
+	int64_t now = (int64_t)time(NULL), gen = 0;
+	int err = 0, renamed = 0, r;
+	bool recommit;
 
-	path = ib_cache_layer_path(c, key);
 	layers = ib_xasprintf("%s/layers", c->dir);
-
 	pthread_mutex_lock(&c->lock);
-	if (path_is_dir(path)) {
-		if ((err = ib_cache__delete_layer_row(c, key)) < 0)
-			goto out;
-		if ((err = ib_cache__discard_dir(c, path)) < 0)
-			goto out;
+	if ((r = ib_cache__row_gen(c, "layers", key, &gen)) < 0) {
+		err = r;
+		goto out;
 	}
+	/*
+	 * A layer already indexed (build --force) goes in beside the old one,
+	 * under the next generation; the row switches in one statement and
+	 * the old directory leaves afterwards.
+	 */
+	recommit = r == 1;
+	if (recommit)
+		old = ib_cache__layer_dir(c, key, gen++);
+	path = ib_cache__layer_dir(c, key, gen);
+	/* what a crash left where this one goes: no row names it, and we hold the layer's lock */
+	if (path_is_dir(path) && (err = ib_cache__discard_dir(c, path)) < 0)
+		goto out;
 	if (rename(tmpdir, path) < 0) {
 		err = ib_error_set_errno(errno, "cannot move layer into '%s'", path);
 		goto out;
@@ -490,25 +596,36 @@ int ib_cache_layer_commit_sealed(ib_cache *c, const char *key, const char *paren
 	renamed = 1;
 	if ((err = ib_fsync_dir(layers)) < 0)
 		goto out;
+	IB_CRASH_POINT(recommit ? "layer-recommit:after-rename" : "layer-commit:after-rename");
 
-	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO layers (key, parent, kind, step, digest, bytes,"
-				      " files, seconds, created, last_used) VALUES (?,?,?,?,?,?,?,?,?,?)",
+	if (sqlite3_prepare_v2(c->db, recommit ? "UPDATE layers SET parent = ?, kind = ?, step = ?, digest = ?,"
+						 " bytes = ?, files = ?, seconds = ?, created = ?, last_used = ?,"
+						 " gen = ? WHERE key = ?"
+					       : "INSERT INTO layers (parent, kind, step, digest, bytes, files, seconds,"
+						 " created, last_used, gen, key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
 			       -1, &st, NULL) != SQLITE_OK) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
 	}
-	sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
-	sqlite3_bind_text(st, 2, parent ? parent : "", -1, SQLITE_STATIC);
-	sqlite3_bind_text(st, 3, kind, -1, SQLITE_STATIC);
-	sqlite3_bind_text(st, 4, step, -1, SQLITE_STATIC);
-	sqlite3_bind_text(st, 5, digest, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(st, 6, (sqlite3_int64)bytes);
-	sqlite3_bind_int64(st, 7, (sqlite3_int64)files);
-	sqlite3_bind_double(st, 8, seconds);
+	sqlite3_bind_text(st, 1, parent ? parent : "", -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 2, kind, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 3, step, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 4, digest, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st, 5, (sqlite3_int64)bytes);
+	sqlite3_bind_int64(st, 6, (sqlite3_int64)files);
+	sqlite3_bind_double(st, 7, seconds);
+	sqlite3_bind_int64(st, 8, now);
 	sqlite3_bind_int64(st, 9, now);
-	sqlite3_bind_int64(st, 10, now);
-	if (sqlite3_step(st) != SQLITE_DONE)
+	sqlite3_bind_int64(st, 10, gen);
+	sqlite3_bind_text(st, 11, key, -1, SQLITE_STATIC);
+	if (sqlite3_step(st) != SQLITE_DONE) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	IB_CRASH_POINT(recommit ? "layer-recommit:after-row" : "layer-commit:after-row");
+	/* the row names the new directory: the old one is no one's */
+	if (recommit && path_is_dir(old))
+		ib_cache__discard_dir(c, old);
 out:
 	sqlite3_finalize(st);
 	if (err && renamed && rename(path, tmpdir) < 0)
@@ -525,20 +642,30 @@ out:
 		out_info->seconds = seconds;
 	}
 	free(path);
+	free(old);
 	free(layers);
 	return err;
 }
 
 int ib_cache_layer_remove(ib_cache *c, const char *key)
 {
-	char *path = ib_cache_layer_path(c, key);
+	char *path = NULL;
+	int64_t gen = 0;
 	int err;
 
+	/* the row first: a crash after it leaves a directory no row names, which gc collects */
 	pthread_mutex_lock(&c->lock);
-	err = ib_cache__delete_layer_row(c, key);
-	if (!err)
-		err = ib_cache__discard_dir(c, path);
+	if ((err = ib_cache__row_gen(c, "layers", key, &gen)) >= 0) {
+		path = ib_cache__layer_dir(c, key, gen);
+		err = ib_cache__delete_layer_row(c, key);
+	}
 	pthread_mutex_unlock(&c->lock);
+	if (!err) {
+		IB_CRASH_POINT("layer-remove:after-row");
+		pthread_mutex_lock(&c->lock);
+		err = ib_cache__discard_dir(c, path);
+		pthread_mutex_unlock(&c->lock);
+	}
 	free(path);
 	return err;
 }
@@ -591,7 +718,7 @@ static int image_from_row(ib_image_info *info, sqlite3_stmt *st)
 	return err;
 }
 
-#define IMAGE_COLS "id, top_key, arch, ext4_sha256, ext4_bytes, meta, created"
+#define IMAGE_COLS "id, top_key, arch, ext4_sha256, ext4_bytes, meta, created, gen"
 
 int ib_cache_image_get(ib_cache *c, const char *id, ib_image_info *info)
 {
@@ -614,7 +741,7 @@ int ib_cache_image_get(ib_cache *c, const char *id, ib_image_info *info)
 		ret = ib_cache__db_error(c->db, "cannot read the cache index");
 		goto out;
 	}
-	path = ib_cache_image_path(c, id);
+	path = ib_cache__image_file(c, id, sqlite3_column_int64(st, 7));
 	if (!path_is_file(path))
 		goto out;
 	ret = 1;
@@ -635,13 +762,12 @@ out:
 
 int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ext4_tmp)
 {
-	char *path = ib_cache_image_path(c, info->id);
-	char *images = ib_xasprintf("%s/images", c->dir);
+	char *path = NULL, *old = NULL, *images = ib_xasprintf("%s/images", c->dir);
 	char *meta = ib_image_meta_dump(info->meta);
 	sqlite3_stmt *st = NULL;
-	int err = 0, in_tx = 0;
-	int64_t now = (int64_t)time(NULL);
-	int fd;
+	int err = 0, in_tx = 0, lockfd = -1, fd, r;
+	int64_t now = (int64_t)time(NULL), gen = 0;
+	bool again;
 
 	fd = open(ext4_tmp, O_RDONLY | O_CLOEXEC);
 	if (fd < 0 || fsync(fd) < 0) {
@@ -651,19 +777,36 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 		goto out_nolock;
 	}
 	close(fd);
+	/* one commit of an image at a time; the orphan sweep leaves a locked one alone */
+	if ((err = ib_cache__lock_image(c, info->id, false, &lockfd)) < 0)
+		goto out_nolock;
 
 	pthread_mutex_lock(&c->lock);
+	if ((r = ib_cache__row_gen(c, "images", info->id, &gen)) < 0) {
+		err = r;
+		goto out;
+	}
+	/* exported again: the new file goes in beside the old one, and the row switches to it */
+	again = r == 1;
+	if (again)
+		old = ib_cache__image_file(c, info->id, gen++);
+	path = ib_cache__image_file(c, info->id, gen);
 	if (rename(ext4_tmp, path) < 0) {
 		err = ib_error_set_errno(errno, "cannot move image into '%s'", path);
 		goto out;
 	}
 	if ((err = ib_fsync_dir(images)) < 0)
 		goto out;
+	IB_CRASH_POINT(again ? "image-reexport:after-rename" : "image-commit:after-rename");
 	if ((err = ib_cache__exec(c->db, "BEGIN IMMEDIATE")) < 0)
 		goto out;
 	in_tx = 1;
-	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO images (id, top_key, arch, ext4_sha256,"
-				      " ext4_bytes, meta, created, last_used) VALUES (?,?,?,?,?,?,?,?)",
+	if (sqlite3_prepare_v2(c->db, "INSERT INTO images (id, top_key, arch, ext4_sha256, ext4_bytes, meta, created,"
+				      " last_used, gen) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
+				      " top_key = excluded.top_key, arch = excluded.arch,"
+				      " ext4_sha256 = excluded.ext4_sha256, ext4_bytes = excluded.ext4_bytes,"
+				      " meta = excluded.meta, created = excluded.created,"
+				      " last_used = excluded.last_used, gen = excluded.gen",
 			       -1, &st, NULL) != SQLITE_OK) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
@@ -676,6 +819,7 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 	sqlite3_bind_text(st, 6, meta, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(st, 7, now);
 	sqlite3_bind_int64(st, 8, now);
+	sqlite3_bind_int64(st, 9, gen);
 	if (sqlite3_step(st) != SQLITE_DONE) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
@@ -710,14 +854,24 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 	}
 out:
 	sqlite3_finalize(st);
-	if (in_tx && ib_cache__exec(c->db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
-		err = IB_ERROR;
-	if (err)
+	st = NULL;
+	if (in_tx) {
+		if (ib_cache__exec(c->db, err ? "ROLLBACK" : "COMMIT") < 0 && !err)
+			err = IB_ERROR;
+		if (!err)
+			IB_CRASH_POINT(again ? "image-reexport:after-row" : "image-commit:after-row");
+	}
+	if (err && path)
 		unlink(path);
+	/* the row names the new file: the old one is no one's (a download already open keeps reading it) */
+	if (!err && old)
+		unlink(old);
 	pthread_mutex_unlock(&c->lock);
+	ib_cache_unlock(lockfd);
 out_nolock:
 	free(meta);
 	free(path);
+	free(old);
 	free(images);
 	return err;
 }
@@ -890,142 +1044,5 @@ int ib_cache_images_foreach(ib_cache *c, ib_cache_image_cb cb, void *arg)
 	for (size_t i = 0; i < n; i++)
 		ib_image_info_clear(&rows[i]);
 	free(rows);
-	return err;
-}
-
-struct verify_ctx {
-	ib_cache_report_cb report;
-	void *arg;
-	unsigned problems;
-};
-
-static void vreport(struct verify_ctx *v, const char *what, bool problem, const char *fmt, ...)
-	IB_PRINTF(4, 5);
-
-static void vreport(struct verify_ctx *v, const char *what, bool problem, const char *fmt, ...)
-{
-	char msg[1024];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	if (problem)
-		v->problems++;
-	if (v->report)
-		v->report(what, msg, problem, v->arg);
-}
-
-int ib_cache_verify(ib_cache *c, ib_cache_report_cb report, void *arg, unsigned *out_problems)
-{
-	struct verify_ctx v = { report, arg, 0 };
-	sqlite3_stmt *st = NULL;
-	char **keys = NULL, **digests = NULL, **ids = NULL, **shas = NULL;
-	size_t nkeys = 0, nids = 0;
-	int rc, err = 0;
-	DIR *d = NULL;
-	struct dirent *de;
-	char *path = NULL;
-
-	pthread_mutex_lock(&c->lock);
-	if (sqlite3_prepare_v2(c->db, "SELECT key, digest FROM layers ORDER BY key", -1, &st, NULL) != SQLITE_OK) {
-		err = ib_cache__db_error(c->db, "cannot read the cache index");
-		pthread_mutex_unlock(&c->lock);
-		goto out;
-	}
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		keys = ib_xrealloc(keys, (nkeys + 1) * sizeof(char *));
-		digests = ib_xrealloc(digests, (nkeys + 1) * sizeof(char *));
-		keys[nkeys] = ib_xstrdup((const char *)sqlite3_column_text(st, 0));
-		digests[nkeys++] = ib_xstrdup((const char *)sqlite3_column_text(st, 1));
-	}
-	sqlite3_finalize(st);
-	st = NULL;
-	if (sqlite3_prepare_v2(c->db, "SELECT id, ext4_sha256 FROM images ORDER BY id", -1, &st, NULL) != SQLITE_OK) {
-		err = ib_cache__db_error(c->db, "cannot read the cache index");
-		pthread_mutex_unlock(&c->lock);
-		goto out;
-	}
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		ids = ib_xrealloc(ids, (nids + 1) * sizeof(char *));
-		shas = ib_xrealloc(shas, (nids + 1) * sizeof(char *));
-		ids[nids] = ib_xstrdup((const char *)sqlite3_column_text(st, 0));
-		shas[nids++] = ib_xstrdup((const char *)sqlite3_column_text(st, 1));
-	}
-	sqlite3_finalize(st);
-	st = NULL;
-	/* Images whose layer list names a layer that has no row. */
-	if (sqlite3_prepare_v2(c->db, "SELECT image_id, key FROM image_layers WHERE key NOT IN"
-				      " (SELECT key FROM layers)", -1, &st, NULL) != SQLITE_OK) {
-		err = ib_cache__db_error(c->db, "cannot read the cache index");
-		pthread_mutex_unlock(&c->lock);
-		goto out;
-	}
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-		vreport(&v, (const char *)sqlite3_column_text(st, 0), true, "layer '%s' of the image is not in the cache",
-			(const char *)sqlite3_column_text(st, 1));
-	sqlite3_finalize(st);
-	st = NULL;
-	pthread_mutex_unlock(&c->lock);
-
-	for (size_t i = 0; i < nkeys; i++) {
-		char hex[IB_SHA256_HEX];
-		free(path);
-		path = ib_cache_layer_path(c, keys[i]);
-		if (!path_is_dir(path)) {
-			vreport(&v, keys[i], true, "layer directory '%s' is missing", path);
-			continue;
-		}
-		if (ib_tree_digest(hex, path, NULL, NULL) < 0) {
-			vreport(&v, keys[i], true, "%s", ib_error_last());
-			continue;
-		}
-		if (strcmp(hex, digests[i]))
-			vreport(&v, keys[i], true, "layer content changed: digest %s, expected %s", hex, digests[i]);
-	}
-	for (size_t i = 0; i < nids; i++) {
-		char hex[IB_SHA256_HEX];
-		free(path);
-		path = ib_cache_image_path(c, ids[i]);
-		if (ib_sha256_file(hex, path) < 0) {
-			vreport(&v, ids[i], true, "%s", ib_error_last());
-			continue;
-		}
-		if (strcmp(hex, shas[i]))
-			vreport(&v, ids[i], true, "image file changed: sha256 %s, expected %s", hex, shas[i]);
-	}
-
-	/* Notes: directories no row points at, and scratch left by dead builds. */
-	free(path);
-	path = ib_xasprintf("%s/layers", c->dir);
-	d = opendir(path);
-	while (d && (de = readdir(d))) {
-		bool known = false;
-		if (de->d_name[0] == '.')
-			continue;
-		for (size_t i = 0; i < nkeys && !known; i++)
-			known = !strcmp(keys[i], de->d_name);
-		if (!known)
-			vreport(&v, de->d_name, false, "layer directory has no index row (unused, removable)");
-	}
-	if (d)
-		closedir(d);
-out:
-	sqlite3_finalize(st);
-	for (size_t i = 0; i < nkeys; i++) {
-		free(keys[i]);
-		free(digests[i]);
-	}
-	for (size_t i = 0; i < nids; i++) {
-		free(ids[i]);
-		free(shas[i]);
-	}
-	free(keys);
-	free(digests);
-	free(ids);
-	free(shas);
-	free(path);
-	if (!err && out_problems)
-		*out_problems = v.problems;
 	return err;
 }

@@ -39,9 +39,13 @@ void ib_cache_close(ib_cache *cache);
 
 const char *ib_cache_dir(const ib_cache *cache);
 
-/* Paths inside the cache, owned by the caller. */
-char *ib_cache_layer_path(const ib_cache *cache, const char *key);
-char *ib_cache_image_path(const ib_cache *cache, const char *image_id);
+/*
+ * Where a layer's directory and an image's file are, as the index names
+ * them (owned by the caller).  Hold the layer's lock (shared) while using
+ * the directory: a forced rebuild replaces it by another generation.
+ */
+char *ib_cache_layer_path(ib_cache *cache, const char *key);
+char *ib_cache_image_path(ib_cache *cache, const char *image_id);
 
 /*
  * A fresh, empty scratch directory under tmp/, owned by the caller, with a
@@ -156,7 +160,9 @@ void ib_cache_touch_layer(ib_cache *cache, const char *key);
  * recently used first, then least recently used images, each with the
  * layers only it needed.  A layer in use (a build or export holds its
  * lock) is never removed.  Rows go before files, so a crash at any point
- * leaves an index that points only at intact data.
+ * leaves an index that points only at intact data; what such a crash left
+ * without a row (and every other orphan, see ib_cache_orphans) is removed
+ * by the next gc, and counted in freed.
  */
 typedef struct ib_gc_opts {
 	bool has_max;
@@ -172,6 +178,7 @@ typedef struct ib_gc_result {
 	unsigned images;
 	unsigned layers;
 	unsigned in_use; /* layers left alone because they were in use */
+	unsigned orphans; /* what no row named (a crash's leftovers), removed */
 } ib_gc_result;
 
 /* report: "image" or "layer", its id, bytes freed, last use (unix time). */
@@ -196,13 +203,41 @@ typedef int (*ib_cache_image_cb)(const ib_image_info *info, void *arg);
 int ib_cache_images_foreach(ib_cache *cache, ib_cache_image_cb cb, void *arg);
 
 /*
- * Re-hash every layer and image and check every row points at intact data.
- * report() is called once per problem (and may be NULL); *out_problems
- * receives the count.  Leftovers in tmp/ and unindexed directories are
- * reported as notes (not problems).
+ * What no row names: layer directories and image files (a crash between a
+ * file operation and its row, in a commit or in gc), scratch dirs of dead
+ * builds in tmp/, partial downloads of dead processes.  Each is reported
+ * (report may be NULL) with its allocated bytes; with remove, removed.  An
+ * item being committed right now is locked and left alone.
  */
+typedef struct ib_orphans {
+	unsigned count;
+	uint64_t bytes;
+} ib_orphans;
+
 typedef void (*ib_cache_report_cb)(const char *what, const char *msg, bool problem, void *arg);
-int ib_cache_verify(ib_cache *cache, ib_cache_report_cb report, void *arg, unsigned *out_problems);
+int ib_cache_orphans(ib_cache *cache, bool remove, ib_cache_report_cb report, void *arg, ib_orphans *out);
+
+/*
+ * Re-hash every layer and image and check every row points at intact data;
+ * report() is called once per problem (problem true) and per note (orphans,
+ * what a repair did).  With repair: rows whose data is missing or altered
+ * are removed with their data (an image with them, and every image that
+ * needs such a layer; a layer in use by a build is left alone), and
+ * orphans are removed.  Nothing that verifies is touched.
+ */
+typedef struct ib_verify_opts {
+	bool repair;
+} ib_verify_opts;
+
+typedef struct ib_verify_result {
+	unsigned problems;      /* what does not verify (found before any repair) */
+	unsigned repaired;      /* layers and images removed by the repair */
+	unsigned orphans;       /* found (and with repair, removed) */
+	uint64_t orphan_bytes;  /* their allocated bytes */
+} ib_verify_result;
+
+int ib_cache_verify(ib_cache *cache, const ib_verify_opts *opts, ib_cache_report_cb report, void *arg,
+		    ib_verify_result *out);
 
 /* Remove scratch directories left by builds that died (called on open by builders). */
 int ib_cache_clean_tmp(ib_cache *cache);

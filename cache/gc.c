@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "cache/cache-internal.h"
+#include "lib/crash.h"
 #include "lib/util.h"
 
 struct gc_image {
@@ -138,8 +139,15 @@ static int evict_image(struct gc *g, struct gc_image *im)
 	int err = 0;
 
 	if (!g->opts->dry_run) {
-		/* the row first: a crash after it leaves a file no row points at */
+		int64_t gen = 0;
+		/* the row first: a crash after it leaves a file no row points at, which gc collects */
 		pthread_mutex_lock(&c->lock);
+		if ((err = ib_cache__row_gen(c, "images", im->id, &gen)) < 0) {
+			pthread_mutex_unlock(&c->lock);
+			return err;
+		}
+		path = ib_cache__image_file(c, im->id, gen);
+		err = 0;
 		if (sqlite3_prepare_v2(c->db, "DELETE FROM images WHERE id = ?", -1, &st, NULL) != SQLITE_OK) {
 			err = ib_cache__db_error(c->db, "cannot update the cache index");
 		} else {
@@ -149,9 +157,11 @@ static int evict_image(struct gc *g, struct gc_image *im)
 		}
 		sqlite3_finalize(st);
 		pthread_mutex_unlock(&c->lock);
-		if (err)
+		if (err) {
+			free(path);
 			return err;
-		path = ib_cache_image_path(c, im->id);
+		}
+		IB_CRASH_POINT("gc:after-image-row");
 		if (unlink(path) < 0 && errno != ENOENT)
 			err = ib_error_set_errno(errno, "cannot remove '%s'", path);
 		free(path);
@@ -171,7 +181,6 @@ static int evict_image(struct gc *g, struct gc_image *im)
 static int evict_layer(struct gc *g, struct gc_layer *l)
 {
 	ib_cache *c = g->c;
-	char *path = NULL;
 	int fd = -1, err;
 
 	err = ib_cache_lock_layer(c, l->key, IB_LOCK_NOWAIT, NULL, 0, &fd, NULL);
@@ -182,17 +191,9 @@ static int evict_layer(struct gc *g, struct gc_layer *l)
 	}
 	if (err < 0)
 		return err;
-	if (!g->opts->dry_run) {
-		pthread_mutex_lock(&c->lock);
-		err = ib_cache__delete_layer_row(c, l->key);
-		pthread_mutex_unlock(&c->lock);
-		if (!err) {
-			path = ib_cache_layer_path(c, l->key);
-			err = ib_cache__discard_dir(c, path);
-		}
-	}
+	if (!g->opts->dry_run)
+		err = ib_cache_layer_remove(c, l->key);
 	ib_cache_unlock(fd);
-	free(path);
 	if (err)
 		return err;
 	l->gone = true;
@@ -266,6 +267,18 @@ int ib_cache_gc(ib_cache *c, const ib_gc_opts *opts, ib_gc_report_cb report, voi
 			break;
 		if ((err = evict_image_and_layers(&g, img)) < 0)
 			goto out;
+	}
+	/* what no row names: a crash's leftovers (in gc, a commit, a build), then gone for good */
+	{
+		ib_orphans orph = { 0 };
+		if ((err = ib_cache_orphans(c, !opts->dry_run, NULL, NULL, &orph)) < 0)
+			goto out;
+		g.res.orphans = orph.count;
+		g.res.freed += orph.bytes;
+		if (g.total >= orph.bytes && !opts->dry_run)
+			g.total -= orph.bytes;
+		if (report && orph.count)
+			report("orphans", "", orph.bytes, 0, arg);
 	}
 	g.res.bytes_after = g.total;
 	if (out)

@@ -2,8 +2,10 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "lib/util.h"
 #include "cli/cli.h"
+#include "lib/util.h"
+
+static const char cache_usage[] = "cache verify [--repair]";
 
 static void report(const char *what, const char *msg, bool problem, void *arg)
 {
@@ -14,29 +16,49 @@ static void report(const char *what, const char *msg, bool problem, void *arg)
 int cmd_cache(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
+		{ "repair", no_argument, NULL, 'r' },
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
+	ib_verify_opts opts = { 0 };
+	ib_verify_result res = { 0 };
 	ib_cache *cache = NULL;
-	unsigned problems = 0;
 	int c, ret = EXIT_FAIL;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
-		if (c != 'C')
-			return cli_usage("cache verify");
-		ib_config_set(&cfg->cache_dir, optarg);
+		switch (c) {
+		case 'r': opts.repair = true; break;
+		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
+		default: return cli_usage(cache_usage);
+		}
 	}
 	if (optind != argc - 1 || strcmp(argv[optind], "verify"))
-		return cli_usage("cache verify");
+		return cli_usage(cache_usage);
 	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
-	if (ib_cache_verify(cache, report, NULL, &problems) < 0) {
+	if (ib_cache_verify(cache, &opts, report, NULL, &res) < 0) {
 		cli_error("%s", ib_error_last());
 		goto out;
 	}
-	if (problems) {
-		cli_error("cache '%s': %u problem%s", ib_cache_dir(cache), problems, problems == 1 ? "" : "s");
+	if (res.orphans)
+		fprintf(stderr, "imagebuilder: %u orphan%s, %llu bytes %s\n", res.orphans, res.orphans == 1 ? "" : "s",
+			(unsigned long long)res.orphan_bytes,
+			opts.repair ? "removed" : "reclaimable (gc or cache verify --repair removes them)");
+	if (opts.repair && res.problems) {
+		/* what is left must verify */
+		ib_verify_result after = { 0 };
+		printf("cache '%s': %u problem%s, %u layer%s or image%s removed\n", ib_cache_dir(cache), res.problems,
+		       res.problems == 1 ? "" : "s", res.repaired, res.repaired == 1 ? "" : "s",
+		       res.repaired == 1 ? "" : "s");
+		if (ib_cache_verify(cache, NULL, report, NULL, &after) < 0) {
+			cli_error("%s", ib_error_last());
+			goto out;
+		}
+		res.problems = after.problems;
+	}
+	if (res.problems) {
+		cli_error("cache '%s': %u problem%s", ib_cache_dir(cache), res.problems, res.problems == 1 ? "" : "s");
 		goto out;
 	}
 	printf("cache '%s' is intact\n", ib_cache_dir(cache));

@@ -41,6 +41,11 @@ static void report(const char *what, const char *id, uint64_t bytes, int64_t las
 	time_t t = (time_t)last_used;
 	struct tm tm;
 
+	if (!strcmp(what, "orphans")) {
+		printf("%s orphans (what a crash left, no row names it)  %10llu bytes\n",
+		       *dry ? "would remove" : "removed", (unsigned long long)bytes);
+		return;
+	}
 	gmtime_r(&t, &tm);
 	strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
 	printf("%s %-5s %s  %10llu bytes  last used %s\n", *dry ? "would evict" : "evicted", what, id,
@@ -92,13 +97,13 @@ int cmd_gc(int argc, char **argv, ib_config *cfg)
 	opts.dry_run = dry;
 	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
-	ib_cache_clean_tmp(cache);
 	if (ib_cache_gc(cache, &opts, report, &dry, &res) < 0) {
 		cli_error("gc: %s", ib_error_last());
 		goto out;
 	}
-	printf("%s %llu bytes (%u images, %u layers); cache %llu -> %llu bytes%s\n", dry ? "would free" : "freed",
-	       (unsigned long long)res.freed, res.images, res.layers, (unsigned long long)res.bytes_before,
+	printf("%s %llu bytes (%u images, %u layers, %u orphans); cache %llu -> %llu bytes%s\n",
+	       dry ? "would free" : "freed", (unsigned long long)res.freed, res.images, res.layers, res.orphans,
+	       (unsigned long long)res.bytes_before,
 	       (unsigned long long)res.bytes_after, res.in_use ? "; layers in use were kept" : "");
 	if (opts.has_max && res.bytes_after > opts.max_bytes)
 		fprintf(stderr, "imagebuilder: gc: the cache is still over %llu bytes (%u layers in use)\n",

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "lib/crash.h"
 #include "lib/util.h"
 
 extern char **environ;
@@ -21,10 +22,11 @@ static const struct cmd {
 	{ "export", cmd_export, "export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar)" },
 	{ "inspect", cmd_inspect, "inspect IMAGE_ID" },
 	{ "ls", cmd_ls, "ls" },
-	{ "cache", cmd_cache, "cache verify" },
+	{ "cache", cmd_cache, "cache verify [--repair]" },
 	{ "serve", cmd_serve, "serve --listen HOST:PORT [--token-file F] [--jobs N]" },
 	{ "warm", cmd_warm, "warm [--check] [--jobs N] (SPEC.json ... | --git URL --ref REF [--path DIR])" },
 	{ "gc", cmd_gc, "gc [--max-bytes N[K|M|G]] [--keep-days D] [--dry-run]" },
+	{ "debug", cmd_debug, "debug crash-points" },
 };
 
 void cli_error(const char *fmt, ...)
@@ -116,7 +118,7 @@ int main(int argc, char **argv)
 
 		if (strcmp(argv[1], commands[i].name))
 			continue;
-		if (ib_config_init(&cfg, (const char *const *)environ) < 0) {
+		if (ib_config_init(&cfg, (const char *const *)environ) < 0 || ib_crash_arm(cfg.crash_at) < 0) {
 			cli_error("%s", ib_error_last());
 			return EXIT_USAGE;
 		}

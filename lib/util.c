@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <fts.h>
 #include <limits.h>
 #include <linux/fs.h>
 #include <stdarg.h>
@@ -419,8 +420,11 @@ bool ib_is_hex64(const char *s)
 	return s[64] == '\0';
 }
 
+#define COPY_BUF (1 << 20)
+
 int ib_copy_sparse(const char *src, const char *dst, mode_t mode)
 {
+	char *buf = NULL;
 	int in = -1, out = -1, err = 0;
 	struct stat st;
 	off_t data, hole;
@@ -454,14 +458,41 @@ int ib_copy_sparse(const char *src, const char *dst, mode_t mode)
 		}
 		loff_t off_in = data, off_out = data;
 		size_t left = (size_t)(hole - data);
-		while (left) {
+		while (left && !buf) {
 			ssize_t n = copy_file_range(in, &off_in, out, &off_out, left, 0);
 			if (n < 0 && errno == EINTR)
 				continue;
+			if (n < 0 && (errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL)) {
+				/* another file system (a tmpfs /tmp): copy through a buffer from here on */
+				buf = ib_xmalloc(COPY_BUF);
+				break;
+			}
 			if (n <= 0) {
 				err = ib_error_set_errno(n < 0 ? errno : EIO, "cannot copy '%s' to '%s'", src, dst);
 				goto out;
 			}
+			left -= (size_t)n;
+		}
+		while (left) {
+			ssize_t n = pread(in, buf, left < COPY_BUF ? left : COPY_BUF, off_in);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				err = ib_error_set_errno(n < 0 ? errno : EIO, "cannot read '%s'", src);
+				goto out;
+			}
+			for (ssize_t done = 0; done < n;) {
+				ssize_t w = pwrite(out, buf + done, (size_t)(n - done), off_out + done);
+				if (w < 0 && errno == EINTR)
+					continue;
+				if (w <= 0) {
+					err = ib_error_set_errno(w < 0 ? errno : EIO, "cannot write '%s'", dst);
+					goto out;
+				}
+				done += w;
+			}
+			off_in += n;
+			off_out += n;
 			left -= (size_t)n;
 		}
 	}
@@ -474,5 +505,22 @@ out:
 		unlink(dst);
 	if (in >= 0)
 		close(in);
+	free(buf);
 	return err;
+}
+
+uint64_t ib_du(const char *path)
+{
+	char *const argv[] = { (char *)path, NULL };
+	FTS *fts = fts_open(argv, FTS_PHYSICAL | FTS_XDEV | FTS_NOCHDIR, NULL);
+	FTSENT *e;
+	uint64_t bytes = 0;
+
+	if (!fts)
+		return 0;
+	while ((e = fts_read(fts)))
+		if (e->fts_info != FTS_DP && e->fts_info != FTS_NS && e->fts_statp)
+			bytes += (uint64_t)e->fts_statp->st_blocks * 512;
+	fts_close(fts);
+	return bytes;
 }

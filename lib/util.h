@@ -72,6 +72,12 @@ int ib_write_file_atomic(const char *path, const void *data, size_t len, mode_t 
 /* write(2) all of it, retrying on EINTR and short writes. */
 int ib_write_all(int fd, const void *data, size_t len);
 
+/*
+ * Allocated bytes (st_blocks) under path, a file or a tree, not following
+ * links nor leaving its file system; 0 when it cannot be read.
+ */
+uint64_t ib_du(const char *path);
+
 /* fsync a directory by path. */
 int ib_fsync_dir(const char *path);
 

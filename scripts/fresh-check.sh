@@ -45,11 +45,14 @@ rm -rf "$root/root/imagebuilder"
 git clone -q "$top" "$root/root/imagebuilder"
 say "root ready in $(( $(date +%s) - t0 ))s; $(chroot "$root" dpkg-query -W -f '.\n' | wc -l) packages"
 
-# One command in the root: own namespaces, fresh /proc, /sys and /dev from
-# the host (loop devices, /dev/kvm), tmpfs /tmp and /run, the host's resolver.
+# One command in the root: own namespaces, the root a mount point of its own,
+# fresh /proc, /sys and /dev from the host (loop devices, /dev/kvm), tmpfs
+# /tmp and /run, the host's resolver.
 in_root() {
 	unshare --mount --pid --uts --ipc --fork --propagation private sh -c '
 		root=$1; shift
+		# the root is a mount point, as / is on a real machine
+		mount --bind "$root" "$root"
 		mount --rbind /dev "$root/dev"
 		mount -t proc proc "$root/proc"
 		mount --rbind /sys "$root/sys"

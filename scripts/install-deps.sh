@@ -9,7 +9,7 @@ set -eu
 PKGS="gcc make pkg-config libc6-dev
 libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libmicrohttpd-dev libgit2-dev
 qemu-user-static qemu-system-x86 arch-test patchelf
-mmdebstrap e2fsprogs python3 python3-pip-whl ca-certificates bc git curl"
+mmdebstrap e2fsprogs python3 python3-pip-whl ca-certificates bc git curl strace"
 # a cross compiler for the init of the other architecture
 case "$(uname -m)" in
 x86_64) PKGS="$PKGS gcc-aarch64-linux-gnu libc6-dev-arm64-cross" ;;

@@ -75,17 +75,6 @@ void srv_touch_image(ib_server *srv, const char *image_id)
 		ib_cache_touch_image(srv->cache, image_id);
 }
 
-/* Is the image's file there?  (The remembered answer's only check.) */
-bool srv_image_file_present(ib_server *srv, const char *image_id)
-{
-	char *path = ib_cache_image_path(srv->cache, image_id);
-	struct stat st;
-	bool ok = stat(path, &st) == 0 && S_ISREG(st.st_mode);
-
-	free(path);
-	return ok;
-}
-
 /* An fd response for [off, off + len) of fd (taken over). */
 static struct MHD_Response *fd_response(int fd, uint64_t off, uint64_t len)
 {

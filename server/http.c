@@ -338,8 +338,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		if (k == RPC_BUILD_IMAGE) {
 			ib_http_sha256(r->digest, r->body.ptr ? r->body.ptr : "", r->body.len);
 			r->have_digest = true;
-			if (srv_answer_lookup(r->srv, r->digest, r->image_id, r->build_id) &&
-			    srv_image_file_present(r->srv, r->image_id)) {
+			if (srv_answer_lookup(r->srv, r->digest, r->image_id, r->build_id)) {
 				ib_buf_free(&r->body);
 				return srv_respond_cached(r, c);
 			}

@@ -298,6 +298,7 @@ static void run_job(ib_server *srv, job *j)
 	if (ib_builds_start(srv->builds, j->id, (int64_t)j->started, steps) < 0)
 		srv_event(srv, json_pack("{s:s, s:s, s:s}", "event", "error", "build_id", j->id, "message",
 				     ib_error_last()));
+	IB_CRASH_POINT("build-record:after-start");
 	free(steps);
 	srv_build_event(srv, j, ST_BUILDING, ib_now() - j->run_t0, NULL);
 
@@ -341,6 +342,7 @@ static void run_job(ib_server *srv, job *j)
 		srv_event(srv, json_pack("{s:s, s:s, s:s}", "event", "error", "build_id", j->id, "message",
 				     ib_error_last()));
 	free(rec.steps);
+	IB_CRASH_POINT("build-record:after-finish");
 
 	ib_metrics_build(srv->metrics, final_of(status), seconds);
 	ib_build_status_clear(&st);
@@ -577,6 +579,8 @@ int srv_submit(ib_server *srv, ib_spec *spec, ib_build *b, bool force, int64_t t
 		srv_build_log(srv, j->id, -1, "build %s queued: image %s", j->id, j->image_id);
 		err = ib_builds_insert(srv->builds, &rec);
 		free(rec.spec);
+		if (!err)
+			IB_CRASH_POINT("build-record:after-insert");
 	}
 	snprintf(out->build_id, sizeof(out->build_id), "%s", j->id);
 

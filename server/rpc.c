@@ -8,6 +8,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 const srv_rpc srv_rpcs[] = {
 	[RPC_BUILD_IMAGE] = { "BuildImage", IB_EP_BUILD_IMAGE, false },
@@ -32,11 +33,17 @@ static struct answer *answer_slot(ib_server *srv, const unsigned char key[IB_SHA
 	return &srv->answers[((unsigned)key[0] << 8 | key[1]) % ANSWER_SLOTS];
 }
 
-/* A fresh remembered answer for this body: its ids, true. */
+/*
+ * A fresh remembered answer for this body whose image file is still there:
+ * its ids, true.  The file is checked by the path remembered with the
+ * answer, so a hit costs no index query.
+ */
 bool srv_answer_lookup(ib_server *srv, const unsigned char key[IB_SHA256_LEN], char image_id[IB_SHA256_HEX],
-			  char build_id[IB_BUILD_ID_MAX])
+		       char build_id[IB_BUILD_ID_MAX])
 {
 	struct answer *a = answer_slot(srv, key);
+	char *file = NULL;
+	struct stat st;
 	bool hit;
 
 	pthread_mutex_lock(&srv->answer_mu);
@@ -44,8 +51,11 @@ bool srv_answer_lookup(ib_server *srv, const unsigned char key[IB_SHA256_LEN], c
 	if (hit) {
 		memcpy(image_id, a->image_id, IB_SHA256_HEX);
 		memcpy(build_id, a->build_id, IB_BUILD_ID_MAX);
+		file = ib_xstrdup(a->file);
 	}
 	pthread_mutex_unlock(&srv->answer_mu);
+	hit = hit && stat(file, &st) == 0 && S_ISREG(st.st_mode);
+	free(file);
 	return hit;
 }
 
@@ -53,6 +63,7 @@ static void answer_store(ib_server *srv, const unsigned char key[IB_SHA256_LEN],
 			 const char *build_id)
 {
 	struct answer *a = answer_slot(srv, key);
+	char *file = ib_cache_image_path(srv->cache, image_id);
 
 	pthread_mutex_lock(&srv->answer_mu);
 	memcpy(a->key, key, IB_SHA256_LEN);
@@ -60,6 +71,8 @@ static void answer_store(ib_server *srv, const unsigned char key[IB_SHA256_LEN],
 	a->checked = ib_now();
 	snprintf(a->image_id, sizeof(a->image_id), "%s", image_id);
 	snprintf(a->build_id, sizeof(a->build_id), "%s", build_id);
+	free(a->file);
+	a->file = file;
 	pthread_mutex_unlock(&srv->answer_mu);
 }
 

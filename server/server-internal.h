@@ -27,6 +27,7 @@
 #include "builder/build.h"
 #include "builder/config.h"
 #include "cache/cache.h"
+#include "lib/crash.h"
 #include "lib/limits.h"
 #include "lib/util.h"
 #include "server/builds.h"
@@ -164,6 +165,7 @@ struct ib_server {
 		double checked;
 		char image_id[IB_SHA256_HEX];
 		char build_id[IB_BUILD_ID_MAX];
+		char *file; /* the image's file then (owned) */
 	} answers[ANSWER_SLOTS];
 };
 
@@ -208,7 +210,6 @@ uint64_t srv_log_size(const ib_server *srv, const char *build_id);
 void srv_build_log(const ib_server *srv, const char *build_id, int fd, const char *fmt, ...) IB_PRINTF(4, 5);
 char *srv_log_tail_of(const ib_server *srv, const char *id);
 void srv_touch_image(ib_server *srv, const char *image_id);
-bool srv_image_file_present(ib_server *srv, const char *image_id);
 enum MHD_Result srv_serve_logs(req *r, struct MHD_Connection *c, const char *id);
 enum MHD_Result srv_serve_rootfs(req *r, struct MHD_Connection *c, const char *id, bool head);
 

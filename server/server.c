@@ -92,6 +92,7 @@ int ib_server_start(ib_server **out, ib_cache *cache, const ib_server_opts *opts
 	ib_server *srv = ib_xcalloc(1, sizeof(*srv));
 	pthread_condattr_t ca;
 	unsigned recovered = 0;
+	ib_orphans orphans = { 0 };
 	int err = 0;
 
 	srv->cache = cache;
@@ -134,8 +135,12 @@ int ib_server_start(ib_server **out, ib_cache *cache, const ib_server_opts *opts
 		goto out;
 	if ((err = ib_builds_open(&srv->builds, cache)) < 0)
 		goto out;
-	/* What a killed daemon left: scratch dirs, and builds that will never finish. */
-	ib_cache_clean_tmp(cache);
+	/*
+	 * What a killed daemon (or builder) left: orphans (scratch dirs, what
+	 * no row names), and builds that will never finish.
+	 */
+	if ((err = ib_cache_orphans(cache, true, NULL, NULL, &orphans)) < 0)
+		goto out;
 	if ((err = ib_builds_recover(srv->builds, INTERRUPTED_MESSAGE, recover_cb, srv, &recovered)) < 0)
 		goto out;
 	if ((err = open_listener(srv)) < 0)
@@ -150,6 +155,9 @@ int ib_server_start(ib_server **out, ib_cache *cache, const ib_server_opts *opts
 			     "port", (int)srv->port, "jobs", (int)srv->jobs, "http_threads", (int)srv->http_threads,
 			     "http_mode", srv->http_mode == IB_HTTP_POLL ? "poll" : "epoll", "auth", srv->auth,
 			     "cache_dir", ib_cache_dir(cache), "recovered_builds", (int)recovered));
+	if (orphans.count)
+		srv_event(srv, json_pack("{s:s, s:i, s:I}", "event", "orphans_removed", "count", (int)orphans.count,
+					 "bytes", (json_int_t)orphans.bytes));
 out:
 	if (err) {
 		ib_server_free(srv);
@@ -276,6 +284,8 @@ void ib_server_free(ib_server *srv)
 	pthread_mutex_destroy(&srv->adopt_mu);
 	pthread_mutex_destroy(&srv->touch_mu);
 	pthread_mutex_destroy(&srv->answer_mu);
+	for (size_t i = 0; i < ANSWER_SLOTS; i++)
+		free(srv->answers[i].file);
 	pthread_cond_destroy(&srv->work_cv);
 	pthread_cond_destroy(&srv->done_cv);
 	pthread_cond_destroy(&srv->timer_cv);

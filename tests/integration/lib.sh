@@ -80,3 +80,42 @@ cache_sound() {
 		fi
 	done
 }
+
+# python_fixture: a python-build-standalone-style mirror and version table
+# made from Debian's python3 (tests/fixtures/pbs-archive.sh), and a PEP 503
+# index with cloudpickle; exports IMAGEBUILDER_PYTHON_MIRROR and
+# IMAGEBUILDER_PYTHON_VERSIONS and starts the index (start_pyindex).
+# python_archive VERSION MARKER adds one archive (own digest) for VERSION to
+# the mirror and the table.  PBS_VERSION is the interpreter's own version.
+python_fixture() {
+	PBS_REL=20990101
+	mkdir -p "$T/mirror/$PBS_REL" "$T/deb" "$T/wheels"
+	echo '{}' > "$T/versions.json"
+	(cd "$T/deb" && { apt-get download python3-cloudpickle >/dev/null 2>&1 ||
+		{ apt-get update -qq && apt-get download python3-cloudpickle >/dev/null; }; }) ||
+		fail "cannot get python3-cloudpickle"
+	dpkg-deb -x "$T"/deb/python3-cloudpickle_*.deb "$T/deb/x"
+	cpv=$(dpkg-deb -f "$T"/deb/python3-cloudpickle_*.deb Version | sed 's/-.*//')
+	$PY "$TOP/tests/fixtures/pyindex.py" wheel-from-dir "$T/wheels" cloudpickle "$cpv" \
+		"$T/deb/x/usr/lib/python3/dist-packages/cloudpickle" >/dev/null
+	start_pyindex "$T/wheels"
+	start_static "$T/mirror"
+	export IMAGEBUILDER_PYTHON_MIRROR="$STATIC_URL"
+	export IMAGEBUILDER_PYTHON_VERSIONS="$T/versions.json"
+}
+
+python_archive() {
+	"$TOP/tests/fixtures/pbs-archive.sh" "$T/pbs.tar.gz" "$2" >"$T/pbs.version" 2>"$T/pbs.log" ||
+		fail "cannot make a test archive: $(cat "$T/pbs.log")"
+	PBS_VERSION=$(cat "$T/pbs.version")
+	PBS_ARCHIVE="$T/mirror/$PBS_REL/cpython-$1+$PBS_REL-$(uname -m)-unknown-linux-gnu-install_only.tar.gz"
+	mv "$T/pbs.tar.gz" "$PBS_ARCHIVE"
+	PBS_DIGEST=$(sha256sum "$PBS_ARCHIVE" | cut -d' ' -f1)
+	$PY - "$T/versions.json" "$1" "$PBS_REL" "$(uname -m)" "$PBS_DIGEST" <<'PY'
+import json, sys
+path, version, release, machine, digest = sys.argv[1:]
+table = json.load(open(path))
+table.setdefault(version, {"release": release, "sha256": {}})["sha256"][machine] = digest
+json.dump(table, open(path, "w"))
+PY
+}

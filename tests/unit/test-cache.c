@@ -57,11 +57,11 @@ static char *make_layer(ib_cache *c, const char *content, int *lockfd, char **sc
 
 static unsigned problems_of(ib_cache *c)
 {
-	unsigned n = 99;
+	ib_verify_result r = { .problems = 99 };
 
-	if (ib_cache_verify(c, NULL, NULL, &n) < 0)
+	if (ib_cache_verify(c, NULL, NULL, NULL, &r) < 0)
 		return 98;
-	return n;
+	return r.problems;
 }
 
 TEST(commit_get_verify)
