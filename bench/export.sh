@@ -13,7 +13,7 @@ tree=${1:-/tmp/mm/root}
 build=${BUILD:-build}
 runs=${RUNS:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
-pkgs="libarchive openssl sqlite3 ext2fs com_err jansson"
+pkgs="libarchive openssl sqlite3 ext2fs com_err jansson libzstd"
 
 [ -d "$tree" ] || { echo "export.sh: no tree at '$tree'" >&2; exit 1; }
 command -v mke2fs >/dev/null || { echo "export.sh: mke2fs not found" >&2; exit 1; }
@@ -22,7 +22,7 @@ cd "$here"
 make --no-print-directory -s "$build/libimagebuilder.a"
 mkdir -p "$build/bench"
 # shellcheck disable=SC2046,SC2086
-cc -std=c11 -D_GNU_SOURCE -O2 -g -include builder/banned.h -I. \
+cc -std=c11 -D_GNU_SOURCE -O2 -g -include lib/banned.h -I. \
 	$(pkg-config --cflags $pkgs) -o "$build/bench/export-bench" bench/export-bench.c \
 	"$build/libimagebuilder.a" $(pkg-config --libs $pkgs) -lpthread
 

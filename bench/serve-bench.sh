@@ -31,7 +31,7 @@ trap cleanup EXIT INT TERM
 
 [ -x "$IB" ] || { echo "serve-bench: build $IB first (make)" >&2; exit 1; }
 mkdir -p "$top/$BUILD/bench"
-cc -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -include "$top/builder/banned.h" -o "$LG" "$top/bench/loadgen.c"
+cc -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -include "$top/lib/banned.h" -o "$LG" "$top/bench/loadgen.c"
 
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/token"
 printf '{"spec": {"base": "debian_amd64", "steps": [{"env": {"IMAGEBUILDER_BENCH": "serve"}}]}}' > "$W/body.json"

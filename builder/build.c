@@ -612,7 +612,8 @@ static int export_image(struct run_ctx *rc)
 	/* the index keeps the metadata as the image holds it */
 	ib_image_meta_free(img.meta);
 	img.meta = final_meta;
-	if ((err = ib_sha256_file(img.ext4_sha256, ext4)) < 0)
+	/* the data digest (what verify checks) costs the content's reading; the file's SHA-256 is made when asked */
+	if ((err = ib_sha256_file_data(NULL, img.data_digest, ext4)) < 0)
 		goto out;
 	if (stat(ext4, &st) < 0) {
 		err = ib_error_set_errno(errno, "cannot stat '%s'", ext4);
@@ -625,8 +626,8 @@ static int export_image(struct run_ctx *rc)
 	memcpy(b->ext4_sha256, img.ext4_sha256, sizeof(b->ext4_sha256));
 	b->ext4_bytes = img.ext4_bytes;
 	pthread_mutex_unlock(&b->mu);
-	emit(rc->prog, "[export] done in %.1fs: %llu bytes, sha256 %s\n", ib_now() - t0,
-	     (unsigned long long)img.ext4_bytes, img.ext4_sha256);
+	emit(rc->prog, "[export] done in %.1fs: %llu bytes (%llu allocated)\n", ib_now() - t0,
+	     (unsigned long long)img.ext4_bytes, (unsigned long long)st.st_blocks * 512);
 out:
 	ib_image_info_clear(&img);
 	ib_cache_rmtemp(scratch, tmplock);
@@ -686,6 +687,33 @@ static int found_cached(struct run_ctx *rc)
 	return 1;
 }
 
+/* Does an apt_install step of the spec name package (name, name=version or name:arch)? */
+static bool installs(const ib_plan *plan, const char *package)
+{
+	size_t n = strlen(package);
+
+	for (size_t i = 0; i < plan->nlayers; i++) {
+		const ib_step *st = plan->layers[i].step;
+		if (!st || !(st->ops->flags & IB_STEP_APT_LISTS))
+			continue;
+		for (size_t k = 0; k < json_array_size(st->arg); k++) {
+			const char *p = json_string_value(json_array_get(st->arg, k));
+			if (p && !strncmp(p, package, n) && (!p[n] || p[n] == '=' || p[n] == ':'))
+				return true;
+		}
+	}
+	return false;
+}
+
+/* What the spec asks for that will not work as its author likely expects. */
+static void warn(struct progress *prog, const ib_plan *plan)
+{
+	if (installs(plan, "systemd-sysv") && !installs(plan, "udev"))
+		emit(prog, "warning: the spec installs systemd-sysv without udev: at boot systemd waits 90 s for the "
+			   "serial console (dev-ttyS0.device) before it gives up; add udev (README, \"Booting an "
+			   "image\")\n");
+}
+
 int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 {
 	const ib_plan *plan = b->plan;
@@ -696,6 +724,7 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	double timeout = opts->timeout > 0 ? opts->timeout : IB_STEP_TIMEOUT_DEFAULT;
 
 	rc.deadline = ib_now() + timeout;
+	warn(&prog, plan);
 	rc.held = ib_xmalloc(plan->nlayers * sizeof(*rc.held));
 	for (size_t i = 0; i < plan->nlayers; i++)
 		rc.held[i] = -1;

@@ -52,7 +52,7 @@ typedef struct ib_build_status {
 	size_t nlayers;
 	ib_build_layer_status *layers;
 	bool cached;                      /* the image was in the cache already */
-	char ext4_sha256[IB_SHA256_HEX];  /* "" until exported */
+	char ext4_sha256[IB_SHA256_HEX];  /* "" until known (ib_cache_image_digest() makes it) */
 	uint64_t ext4_bytes;
 	int failed_layer;                 /* -1 when none */
 	char *error;                      /* NULL unless the build failed */

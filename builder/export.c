@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "layer/overlay.h"
@@ -38,6 +39,7 @@ ib_image_meta *ib_export_meta_of_plan(const ib_plan *p)
 	}
 	m->spec = json_loads(canon, 0, NULL);
 	m->epoch = p->epoch;
+	m->disk_size = p->spec->disk_size;
 	free(canon);
 	return m;
 }
@@ -184,6 +186,168 @@ static int environment_file(ib_buf *out, const json_t *env, const char *const *l
 	return 0;
 }
 
+/* Write a file of the metadata layer, its directories made as needed. */
+static int put_file(const char *dir, const char *rel, const char *data, size_t len, mode_t mode)
+{
+	char *path = ib_xasprintf("%s/%s", dir, rel), *parent = ib_xstrndup(path, (size_t)(strrchr(path, '/') - path));
+	int err;
+
+	if ((err = ib_mkdir_p(parent, 0755)) == 0 && (err = ib_write_file_atomic(path, data, len, mode)) == 0 &&
+	    chmod(path, mode) < 0)
+		err = ib_error_set_errno(errno, "cannot chmod '%s'", path);
+	free(path);
+	free(parent);
+	return err;
+}
+
+/* A whiteout in the metadata layer: rel of the layers below is gone from the image. */
+static int put_whiteout(const char *dir, const char *rel)
+{
+	char *path = ib_xasprintf("%s/%s", dir, rel), *parent = ib_xstrndup(path, (size_t)(strrchr(path, '/') - path));
+	int err;
+
+	if ((err = ib_mkdir_p(parent, 0755)) == 0 && mknod(path, S_IFCHR | 0000, makedev(0, 0)) < 0)
+		err = ib_error_set_errno(errno, "cannot make a whiteout at '%s'", path);
+	free(path);
+	free(parent);
+	return err;
+}
+
+static bool has_line(const char *text, const char *addr, const char *name)
+{
+	for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+		size_t n = strcspn(line, "\n"), a = strlen(addr);
+		char *copy;
+		bool found = false;
+
+		if (n <= a || strncmp(line, addr, a) || (line[a] != ' ' && line[a] != '\t'))
+			continue;
+		copy = ib_xstrndup(line + a, n - a);
+		for (char *tok = copy; *tok;) {
+			size_t sp = strspn(tok, " \t"), len;
+			tok += sp;
+			len = strcspn(tok, " \t#");
+			if (len == strlen(name) && !strncmp(tok, name, len))
+				found = true;
+			if (!len || tok[len] == '#')
+				break;
+			tok += len;
+		}
+		free(copy);
+		if (found)
+			return true;
+	}
+	return false;
+}
+
+#define SSH_KEYS_UNIT "ib-ssh-host-keys.service"
+
+/* Is rel in the merged view?  1 yes, 0 no, <0 error. */
+static int present(const char *const *layers, size_t n, const char *rel)
+{
+	ib_overlay_entry e = IB_OVERLAY_ENTRY_INIT;
+	int r = ib_overlay_lookup(&e, layers, n, rel);
+
+	ib_overlay_entry_clear(&e);
+	return r;
+}
+
+/*
+ * No identity baked in (see the README's table): an empty machine-id (a
+ * first boot, machine-id(5)), no SSH host keys, a host name and an
+ * /etc/hosts with localhost.  An image with systemd and ssh-keygen gets a
+ * unit that makes the missing host keys at boot; imagebuilder's init does
+ * it (and the machine-id) itself.
+ */
+static int neutral_identity(const char *dir, const char *const *layers, size_t n, bool ib_init)
+{
+	static const char hosts[] = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+				    "ff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n";
+	static const char unit[] =
+		"# Made by imagebuilder: images ship without SSH host keys; each machine makes its own.\n"
+		"[Unit]\nDescription=Generate the SSH host keys this machine lacks\n"
+		"Before=ssh.service sshd.service\n\n"
+		"[Service]\nType=oneshot\nExecStart=/usr/bin/ssh-keygen -A\n\n"
+		"[Install]\nWantedBy=multi-user.target\n";
+	ib_overlay_entry e = IB_OVERLAY_ENTRY_INIT;
+	ib_strv names = IB_STRV_INIT;
+	char *text = NULL;
+	int err, r;
+
+	if ((err = put_file(dir, "etc/machine-id", "", 0, 0444)) < 0)
+		return err;
+	/* dbus' copy, when it is a file of its own rather than a link to it */
+	if ((r = ib_overlay_lookup(&e, layers, n, "var/lib/dbus/machine-id")) < 0)
+		return r;
+	if (r && S_ISREG(e.st.st_mode) && (err = put_whiteout(dir, "var/lib/dbus/machine-id")) < 0)
+		goto out;
+	ib_overlay_entry_clear(&e);
+	if ((r = ib_overlay_list(&names, layers, n, "etc/ssh")) < 0) {
+		err = r;
+		goto out;
+	}
+	for (size_t i = 0; i < names.n && !err; i++)
+		if (!strncmp(names.v[i], "ssh_host_", 9)) {
+			char *rel = ib_xasprintf("etc/ssh/%s", names.v[i]);
+			err = put_whiteout(dir, rel);
+			free(rel);
+		}
+	if (err)
+		goto out;
+	if ((r = ib_overlay_read_file(&text, NULL, layers, n, "etc/hostname", 4096, "4 KiB")) < 0) {
+		err = r;
+		goto out;
+	}
+	if ((!r || !text[strspn(text, " \t\n")]) && (err = put_file(dir, "etc/hostname", "localhost\n", 10, 0644)) < 0)
+		goto out;
+	free(text);
+	text = NULL;
+	if ((r = ib_overlay_read_file(&text, NULL, layers, n, "etc/hosts", 1 << 20, "1 MiB")) < 0) {
+		err = r;
+		goto out;
+	}
+	if (!r) {
+		err = put_file(dir, "etc/hosts", hosts, sizeof(hosts) - 1, 0644);
+	} else if (!has_line(text, "127.0.0.1", "localhost") || !has_line(text, "::1", "localhost")) {
+		ib_buf b = IB_BUF_INIT;
+		ib_buf_puts(&b, text);
+		if (b.len && b.ptr[b.len - 1] != '\n')
+			ib_buf_puts(&b, "\n");
+		if (!has_line(text, "127.0.0.1", "localhost"))
+			ib_buf_puts(&b, "127.0.0.1\tlocalhost\n");
+		if (!has_line(text, "::1", "localhost"))
+			ib_buf_puts(&b, "::1\t\tlocalhost ip6-localhost ip6-loopback\n");
+		err = put_file(dir, "etc/hosts", b.ptr, b.len, 0644);
+		ib_buf_free(&b);
+	}
+	if (err)
+		goto out;
+	if (!ib_init) {
+		int systemd = present(layers, n, "usr/lib/systemd/systemd");
+		int keygen = present(layers, n, "usr/bin/ssh-keygen");
+		if (systemd < 0 || keygen < 0) {
+			err = IB_ERROR;
+			goto out;
+		}
+		if (systemd && keygen) {
+			char *link = ib_xasprintf("%s/etc/systemd/system/multi-user.target.wants", dir);
+			err = put_file(dir, "etc/systemd/system/" SSH_KEYS_UNIT, unit, sizeof(unit) - 1, 0644);
+			if (!err && (err = ib_mkdir_p(link, 0755)) == 0) {
+				char *path = ib_xasprintf("%s/" SSH_KEYS_UNIT, link);
+				if (symlink("../" SSH_KEYS_UNIT, path) < 0)
+					err = ib_error_set_errno(errno, "cannot link '%s'", path);
+				free(path);
+			}
+			free(link);
+		}
+	}
+out:
+	ib_overlay_entry_clear(&e);
+	ib_strv_free(&names);
+	free(text);
+	return err;
+}
+
 /* The metadata layer: /etc/imagebuilder/image.json, the env in /etc/environment, the init. */
 static int make_meta_layer(const char *dir, ib_image_meta *meta, const char *const *layers, size_t n,
 			   const ib_config *cfg)
@@ -220,6 +384,9 @@ static int make_meta_layer(const char *dir, ib_image_meta *meta, const char *con
 			goto out;
 	}
 	if (init_rel && (err = install_init(dir, init_rel, init_src)) < 0)
+		goto out;
+	/* images with a disk_size (this version's): none made before changes its bytes */
+	if (meta->disk_size && (err = neutral_identity(dir, layers, n, init_rel != NULL)) < 0)
 		goto out;
 	err = ib_tree_normalise(dir, meta->epoch ? meta->epoch : IB_DEFAULT_EPOCH);
 out:
@@ -270,7 +437,7 @@ int ib_export_image(ib_cache *cache, const ib_config *cfg, const ib_image_info *
 	if ((err = make_meta_layer(metadir, meta, layers, img->nlayers, cfg)) < 0)
 		goto out;
 	layers[img->nlayers] = metadir;
-	ib_export_opts eo = { .image_id = img->id, .epoch = epoch };
+	ib_export_opts eo = { .image_id = img->id, .epoch = epoch, .size = img->meta->disk_size };
 	if (tar)
 		err = ib_tar_write(out_path, layers, img->nlayers + 1, &eo);
 	else

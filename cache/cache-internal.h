@@ -37,6 +37,15 @@ int ib_cache__row_gen(ib_cache *c, const char *table, const char *id, int64_t *o
  */
 int ib_cache__lock_image(ib_cache *c, const char *id, bool nowait, int *out_fd);
 
+/* ".zst", ".bmap": what an artifact adds to its image file's name */
+extern const char *const ib_cache__artifact_suffix[];
+
+/* Is the artifact of generation gen indexed?  1, 0, <0 (c->lock held). */
+int ib_cache__artifact_indexed(ib_cache *c, const char *id, ib_artifact kind, int64_t gen);
+
+/* Remove an image file and its artifacts. */
+void ib_cache__unlink_image_files(const char *file);
+
 /* Scratch dirs in tmp/ whose owner is gone: counted, and removed when asked. */
 int ib_cache__sweep_tmp(ib_cache *c, bool remove, unsigned *count, uint64_t *bytes);
 

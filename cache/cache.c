@@ -13,6 +13,7 @@
 #include <dirent.h>
 #include <stdarg.h>
 
+#include "layer/compact.h"
 #include "layer/tree.h"
 #include "lib/crash.h"
 #include "lib/util.h"
@@ -84,6 +85,22 @@ static const char *const migrations[] = {
 	 */
 	"ALTER TABLE layers ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
 	"ALTER TABLE images ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;",
+	/*
+	 * 5: an image's data digest (lib/hash.h: what verify checks, in the
+	 * time its content takes to read; ext4_sha256, the whole file's, is
+	 * then made when first asked for and may be ''), and its compact
+	 * forms (the .zst stream, the bmap), made once from the file of the
+	 * image's generation and kept beside it
+	 * (images/<id>[.<gen>].ext4.<kind>); gone with the image.
+	 */
+	"ALTER TABLE images ADD COLUMN data_digest TEXT NOT NULL DEFAULT '';"
+	"CREATE TABLE image_artifacts ("
+	"  image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,"
+	"  kind TEXT NOT NULL,"
+	"  gen INTEGER NOT NULL,"
+	"  sha256 TEXT NOT NULL,"
+	"  bytes INTEGER NOT NULL,"
+	"  PRIMARY KEY (image_id, kind));",
 };
 
 int ib_cache__db_error(sqlite3 *db, const char *what)
@@ -415,6 +432,194 @@ int ib_cache_share_lock(int fd)
 	return 0;
 }
 
+static void copy_col(char *dst, size_t size, sqlite3_stmt *st, int col)
+{
+	const unsigned char *s = sqlite3_column_text(st, col);
+
+	snprintf(dst, size, "%s", s ? (const char *)s : "");
+}
+
+const char *const ib_cache__artifact_suffix[] = { [IB_ARTIFACT_ZST] = ".zst", [IB_ARTIFACT_BMAP] = ".bmap" };
+static const char *const artifact_kind[] = { [IB_ARTIFACT_ZST] = "zst", [IB_ARTIFACT_BMAP] = "bmap" };
+
+void ib_cache__unlink_image_files(const char *file)
+{
+	unlink(file);
+	for (size_t k = 0; k < IB_ARTIFACT_COUNT; k++) {
+		char *a = ib_xasprintf("%s%s", file, ib_cache__artifact_suffix[k]);
+		unlink(a);
+		free(a);
+	}
+}
+
+/* The artifact's row: 1 and its digest and size (of the generation gen), 0 none, <0 error.  c->lock held. */
+static int artifact_row(ib_cache *c, const char *id, ib_artifact kind, int64_t gen, char sha[IB_SHA256_HEX],
+			uint64_t *bytes)
+{
+	sqlite3_stmt *st = NULL;
+	int rc, ret = 0;
+
+	if (sqlite3_prepare_v2(c->db, "SELECT sha256, bytes FROM image_artifacts WHERE image_id = ? AND kind = ?"
+				      " AND gen = ?", -1, &st, NULL) != SQLITE_OK)
+		return ib_cache__db_error(c->db, "cannot read the cache index");
+	sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+	sqlite3_bind_text(st, 2, artifact_kind[kind], -1, SQLITE_STATIC);
+	sqlite3_bind_int64(st, 3, gen);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		copy_col(sha, IB_SHA256_HEX, st, 0);
+		*bytes = (uint64_t)sqlite3_column_int64(st, 1);
+		ret = 1;
+	} else if (rc != SQLITE_DONE) {
+		ret = ib_cache__db_error(c->db, "cannot read the cache index");
+	}
+	sqlite3_finalize(st);
+	return ret;
+}
+
+int ib_cache_image_artifact(ib_cache *c, const char *id, ib_artifact kind, ib_artifact_info *out)
+{
+	char *file = NULL, *path = NULL, *scratch = NULL, *made = NULL, *images = NULL;
+	ib_artifact_info info = { 0 };
+	sqlite3_stmt *st = NULL;
+	int64_t gen = 0;
+	int err, r, lockfd = -1, tmplock = -1;
+
+	/* one maker at a time; the others wait and find it made */
+	if ((err = ib_cache__lock_image(c, id, false, &lockfd)) < 0)
+		return err;
+	pthread_mutex_lock(&c->lock);
+	if ((r = ib_cache__row_gen(c, "images", id, &gen)) == 1)
+		r = artifact_row(c, id, kind, gen, info.sha256, &info.bytes);
+	else if (r == 0) {
+		ib_error_set("no image '%s' in the cache", id);
+		r = IB_ENOTFOUND;
+	}
+	pthread_mutex_unlock(&c->lock);
+	if (r < 0) {
+		err = r;
+		goto out;
+	}
+	file = ib_cache__image_file(c, id, gen);
+	path = ib_xasprintf("%s%s", file, ib_cache__artifact_suffix[kind]);
+	if (r == 1 && access(path, F_OK) == 0)
+		goto done;
+	/* made in a scratch dir, renamed beside the image, then its row */
+	if ((err = ib_cache_mktemp(c, &scratch, &tmplock)) < 0)
+		goto out;
+	made = ib_xasprintf("%s/artifact", scratch);
+	err = kind == IB_ARTIFACT_ZST ? ib_zstd_write(file, made, 0, &info.bytes) : ib_bmap_write(file, made, &info.bytes);
+	if (err < 0 || (err = ib_sha256_file(info.sha256, made)) < 0)
+		goto out;
+	if (rename(made, path) < 0) {
+		err = ib_error_set_errno(errno, "cannot move '%s' into the cache", path);
+		goto out;
+	}
+	images = ib_xasprintf("%s/images", c->dir);
+	if ((err = ib_fsync_dir(images)) < 0)
+		goto out;
+	IB_CRASH_POINT("artifact-commit:after-rename");
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "INSERT OR REPLACE INTO image_artifacts (image_id, kind, gen, sha256, bytes)"
+				      " VALUES (?,?,?,?,?)", -1, &st, NULL) != SQLITE_OK) {
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
+	} else {
+		sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 2, artifact_kind[kind], -1, SQLITE_STATIC);
+		sqlite3_bind_int64(st, 3, gen);
+		sqlite3_bind_text(st, 4, info.sha256, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(st, 5, (sqlite3_int64)info.bytes);
+		if (sqlite3_step(st) != SQLITE_DONE)
+			err = ib_cache__db_error(c->db, "cannot update the cache index");
+	}
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+	if (err) {
+		unlink(path);
+		goto out;
+	}
+done:
+	info.path = path;
+	path = NULL;
+	*out = info;
+out:
+	ib_cache_unlock(lockfd);
+	ib_cache_rmtemp(scratch, tmplock);
+	free(scratch);
+	free(made);
+	free(file);
+	free(path);
+	free(images);
+	return err;
+}
+
+int ib_cache_image_digest(ib_cache *c, const char *id, char hex[IB_SHA256_HEX])
+{
+	sqlite3_stmt *st = NULL;
+	char *file = NULL;
+	int64_t gen = 0;
+	int err = 0, lockfd = -1, rc;
+
+	if ((err = ib_cache__lock_image(c, id, false, &lockfd)) < 0)
+		return err;
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "SELECT ext4_sha256, gen FROM images WHERE id = ?", -1, &st, NULL) != SQLITE_OK) {
+		err = ib_cache__db_error(c->db, "cannot read the cache index");
+	} else {
+		sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+		rc = sqlite3_step(st);
+		if (rc == SQLITE_ROW) {
+			copy_col(hex, IB_SHA256_HEX, st, 0);
+			gen = sqlite3_column_int64(st, 1);
+		} else {
+			err = rc == SQLITE_DONE ? (ib_error_set("no image '%s' in the cache", id), IB_ENOTFOUND)
+						: ib_cache__db_error(c->db, "cannot read the cache index");
+		}
+	}
+	sqlite3_finalize(st);
+	st = NULL;
+	pthread_mutex_unlock(&c->lock);
+	if (err || hex[0])
+		goto out;
+	/* made once, when first asked for: a 4 GiB image takes a few seconds */
+	file = ib_cache__image_file(c, id, gen);
+	if ((err = ib_sha256_file(hex, file)) < 0)
+		goto out;
+	pthread_mutex_lock(&c->lock);
+	if (sqlite3_prepare_v2(c->db, "UPDATE images SET ext4_sha256 = ? WHERE id = ? AND gen = ?", -1, &st, NULL) !=
+	    SQLITE_OK) {
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
+	} else {
+		sqlite3_bind_text(st, 1, hex, -1, SQLITE_STATIC);
+		sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(st, 3, gen);
+		if (sqlite3_step(st) != SQLITE_DONE)
+			err = ib_cache__db_error(c->db, "cannot update the cache index");
+	}
+	sqlite3_finalize(st);
+	pthread_mutex_unlock(&c->lock);
+out:
+	ib_cache_unlock(lockfd);
+	free(file);
+	return err;
+}
+
+int ib_cache__artifact_indexed(ib_cache *c, const char *id, ib_artifact kind, int64_t gen)
+{
+	char sha[IB_SHA256_HEX];
+	uint64_t bytes;
+
+	return artifact_row(c, id, kind, gen, sha, &bytes);
+}
+
+void ib_artifact_info_clear(ib_artifact_info *info)
+{
+	if (!info)
+		return;
+	free(info->path);
+	memset(info, 0, sizeof(*info));
+}
+
 int ib_cache__lock_image(ib_cache *c, const char *id, bool nowait, int *out_fd)
 {
 	char *path = ib_xasprintf("%s/locks/image-%s.lock", c->dir, id);
@@ -430,12 +635,6 @@ void ib_cache_unlock(int fd)
 		close(fd);
 }
 
-static void copy_col(char *dst, size_t size, sqlite3_stmt *st, int col)
-{
-	const unsigned char *s = sqlite3_column_text(st, col);
-
-	snprintf(dst, size, "%s", s ? (const char *)s : "");
-}
 
 static int path_is_dir(const char *path)
 {
@@ -711,6 +910,7 @@ static int image_from_row(ib_image_info *info, sqlite3_stmt *st)
 	copy_col(info->top_key, sizeof(info->top_key), st, 1);
 	copy_col(info->arch, sizeof(info->arch), st, 2);
 	copy_col(info->ext4_sha256, sizeof(info->ext4_sha256), st, 3);
+	copy_col(info->data_digest, sizeof(info->data_digest), st, 8);
 	info->ext4_bytes = (uint64_t)sqlite3_column_int64(st, 4);
 	info->created = sqlite3_column_int64(st, 6);
 	if ((err = ib_image_meta_parse(&info->meta, (const char *)sqlite3_column_text(st, 5))) < 0)
@@ -718,7 +918,7 @@ static int image_from_row(ib_image_info *info, sqlite3_stmt *st)
 	return err;
 }
 
-#define IMAGE_COLS "id, top_key, arch, ext4_sha256, ext4_bytes, meta, created, gen"
+#define IMAGE_COLS "id, top_key, arch, ext4_sha256, ext4_bytes, meta, created, gen, data_digest"
 
 int ib_cache_image_get(ib_cache *c, const char *id, ib_image_info *info)
 {
@@ -802,11 +1002,12 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 		goto out;
 	in_tx = 1;
 	if (sqlite3_prepare_v2(c->db, "INSERT INTO images (id, top_key, arch, ext4_sha256, ext4_bytes, meta, created,"
-				      " last_used, gen) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
-				      " top_key = excluded.top_key, arch = excluded.arch,"
+				      " last_used, gen, data_digest) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE"
+				      " SET top_key = excluded.top_key, arch = excluded.arch,"
 				      " ext4_sha256 = excluded.ext4_sha256, ext4_bytes = excluded.ext4_bytes,"
 				      " meta = excluded.meta, created = excluded.created,"
-				      " last_used = excluded.last_used, gen = excluded.gen",
+				      " last_used = excluded.last_used, gen = excluded.gen,"
+				      " data_digest = excluded.data_digest",
 			       -1, &st, NULL) != SQLITE_OK) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
@@ -820,6 +1021,19 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 	sqlite3_bind_int64(st, 7, now);
 	sqlite3_bind_int64(st, 8, now);
 	sqlite3_bind_int64(st, 9, gen);
+	sqlite3_bind_text(st, 10, info->data_digest, -1, SQLITE_STATIC);
+	if (sqlite3_step(st) != SQLITE_DONE) {
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_finalize(st);
+	st = NULL;
+	/* the compact forms were of the old file */
+	if (sqlite3_prepare_v2(c->db, "DELETE FROM image_artifacts WHERE image_id = ?", -1, &st, NULL) != SQLITE_OK) {
+		err = ib_cache__db_error(c->db, "cannot update the cache index");
+		goto out;
+	}
+	sqlite3_bind_text(st, 1, info->id, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) != SQLITE_DONE) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
@@ -865,7 +1079,7 @@ out:
 		unlink(path);
 	/* the row names the new file: the old one is no one's (a download already open keeps reading it) */
 	if (!err && old)
-		unlink(old);
+		ib_cache__unlink_image_files(old);
 	pthread_mutex_unlock(&c->lock);
 	ib_cache_unlock(lockfd);
 out_nolock:

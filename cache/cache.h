@@ -129,7 +129,8 @@ void ib_cache_unlock(int fd);
 typedef struct ib_image_info {
 	char id[IB_SHA256_HEX];
 	char top_key[IB_SHA256_HEX];
-	char ext4_sha256[IB_SHA256_HEX];
+	char ext4_sha256[IB_SHA256_HEX]; /* the file's SHA-256; "" until ib_cache_image_digest() made it */
+	char data_digest[IB_SHA256_HEX]; /* what verify checks (lib/hash.h); "" for images of 0.1 */
 	uint64_t ext4_bytes;
 	char arch[16];
 	int64_t created;
@@ -145,9 +146,40 @@ int ib_cache_image_get(ib_cache *cache, const char *id, ib_image_info *info);
 
 /*
  * Commit an exported image: ext4_tmp is renamed to images/<id>.ext4, then
- * the row (with the layer list and metadata) is inserted.
+ * the row (with the layer list, metadata and data digest; ext4_sha256 may
+ * be "") is inserted.
  */
 int ib_cache_image_commit(ib_cache *cache, const ib_image_info *info, const char *ext4_tmp);
+
+/*
+ * An image's compact forms for transfer (layer/compact.h): the zstd stream
+ * and bmaptool's block map of its file.  Made on first use from the
+ * image's current file, kept beside it and indexed (with their SHA-256,
+ * the ETag they are served with), gone with the image (gc, a re-export).
+ * Concurrent askers wait for the one that makes it.
+ */
+typedef enum ib_artifact {
+	IB_ARTIFACT_ZST,
+	IB_ARTIFACT_BMAP,
+	IB_ARTIFACT_COUNT,
+} ib_artifact;
+
+typedef struct ib_artifact_info {
+	char *path;                 /* its file (owned) */
+	char sha256[IB_SHA256_HEX];
+	uint64_t bytes;
+} ib_artifact_info;
+
+/* IB_ENOTFOUND when the image is not in the cache. */
+int ib_cache_image_artifact(ib_cache *cache, const char *image_id, ib_artifact kind, ib_artifact_info *out);
+void ib_artifact_info_clear(ib_artifact_info *info);
+
+/*
+ * The image file's SHA-256 (its ETag, GetImage's ext4_sha256): kept in the
+ * index, made from the file when first asked for (reading only its data:
+ * about a second per GiB of file).  IB_ENOTFOUND when there is no image.
+ */
+int ib_cache_image_digest(ib_cache *cache, const char *image_id, char hex[IB_SHA256_HEX]);
 
 /* Mark an image or layer used now (gc's LRU clock). */
 void ib_cache_touch_image(ib_cache *cache, const char *id);

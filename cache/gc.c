@@ -123,7 +123,13 @@ out:
 	if (!err) {
 		for (size_t i = 0; i < g->nimages; i++) {
 			char *path = ib_cache_image_path(c, g->images[i].id);
+			/* the image and its compact forms, which go with it */
 			g->images[i].bytes = file_blocks(path);
+			for (int k = 0; k < IB_ARTIFACT_COUNT; k++) {
+				char *a = ib_xasprintf("%s%s", path, ib_cache__artifact_suffix[k]);
+				g->images[i].bytes += file_blocks(a);
+				free(a);
+			}
 			g->total += g->images[i].bytes;
 			free(path);
 		}
@@ -162,8 +168,7 @@ static int evict_image(struct gc *g, struct gc_image *im)
 			return err;
 		}
 		IB_CRASH_POINT("gc:after-image-row");
-		if (unlink(path) < 0 && errno != ENOENT)
-			err = ib_error_set_errno(errno, "cannot remove '%s'", path);
+		ib_cache__unlink_image_files(path);
 		free(path);
 		if (err)
 			return err;

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -13,6 +14,7 @@
 
 #include "cache/cache-internal.h"
 #include "layer/tree.h"
+#include "lib/crash.h"
 #include "lib/util.h"
 
 struct verify_ctx {
@@ -76,18 +78,28 @@ static bool parse_entry(const char *name, const char *rest, char id[IB_SHA256_HE
  * committed right now is left alone: 1 orphan (*lockfd held), 0 not, <0
  * error.
  */
-static int orphan_locked(ib_cache *c, const char *table, const char *id, int64_t gen, int *lockfd)
+/* Does a row name it: the layer or image of that generation (and the artifact, kind >= 0)? */
+static int named(ib_cache *c, const char *table, const char *id, int64_t gen, int kind)
+{
+	int64_t row = 0;
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	r = ib_cache__row_gen(c, table, id, &row);
+	if (r == 1)
+		r = row != gen ? 0 : kind < 0 ? 1 : ib_cache__artifact_indexed(c, id, (ib_artifact)kind, gen);
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+static int orphan_locked(ib_cache *c, const char *table, const char *id, int64_t gen, int kind, int *lockfd)
 {
 	bool layers = !strcmp(table, "layers");
-	int64_t row = 0;
 	int r;
 
 	*lockfd = -1;
 	/* most entries are named by their row: no lock needed to see that */
-	pthread_mutex_lock(&c->lock);
-	r = ib_cache__row_gen(c, table, id, &row);
-	pthread_mutex_unlock(&c->lock);
-	if (r < 0 || (r == 1 && row == gen))
+	if ((r = named(c, table, id, gen, kind)) != 0)
 		return r < 0 ? r : 0;
 	r = layers ? ib_cache_lock_layer(c, id, IB_LOCK_NOWAIT, NULL, 0, lockfd, NULL)
 		   : ib_cache__lock_image(c, id, true, lockfd);
@@ -95,10 +107,7 @@ static int orphan_locked(ib_cache *c, const char *table, const char *id, int64_t
 		return 0;
 	if (r < 0)
 		return r;
-	pthread_mutex_lock(&c->lock);
-	r = ib_cache__row_gen(c, table, id, &row);
-	pthread_mutex_unlock(&c->lock);
-	if (r < 0 || (r == 1 && row == gen)) {
+	if ((r = named(c, table, id, gen, kind)) != 0) {
 		ib_cache_unlock(*lockfd);
 		*lockfd = -1;
 		return r < 0 ? r : 0;
@@ -145,16 +154,30 @@ static int sweep_store(ib_cache *c, struct verify_ctx *v, ib_orphans *res, bool 
 	while (!err && (de = readdir(d))) {
 		char id[IB_SHA256_HEX], *path;
 		int64_t gen;
-		int lockfd, r;
+		int lockfd, r, kind = -1;
 
-		if (de->d_name[0] == '.' || !parse_entry(de->d_name, layers ? "" : ".ext4", id, &gen))
+		if (de->d_name[0] == '.')
 			continue;
-		if ((r = orphan_locked(c, table, id, gen, &lockfd)) <= 0) {
+		if (layers) {
+			if (!parse_entry(de->d_name, "", id, &gen))
+				continue;
+		} else if (!parse_entry(de->d_name, ".ext4", id, &gen)) {
+			/* an artifact: <id>[.<gen>].ext4.<kind> */
+			for (int k = 0; k < IB_ARTIFACT_COUNT && kind < 0; k++) {
+				char *rest = ib_xasprintf(".ext4%s", ib_cache__artifact_suffix[k]);
+				if (parse_entry(de->d_name, rest, id, &gen))
+					kind = k;
+				free(rest);
+			}
+			if (kind < 0)
+				continue;
+		}
+		if ((r = orphan_locked(c, table, id, gen, kind, &lockfd)) <= 0) {
 			err = r;
 			continue;
 		}
 		path = ib_xasprintf("%s/%s", dir, de->d_name);
-		err = orphan(c, v, res, remove, layers ? "layer" : "image", path, layers);
+		err = orphan(c, v, res, remove, layers ? "layer" : kind < 0 ? "image" : "artifact", path, layers);
 		free(path);
 		ib_cache_unlock(lockfd);
 	}
@@ -251,8 +274,8 @@ static int drop_image(ib_cache *c, const char *id)
 		sqlite3_finalize(st);
 	}
 	pthread_mutex_unlock(&c->lock);
-	if (!err && path && unlink(path) < 0 && errno != ENOENT)
-		err = ib_error_set_errno(errno, "cannot remove '%s'", path);
+	if (!err && path)
+		ib_cache__unlink_image_files(path);
 	ib_cache_unlock(lockfd);
 	free(path);
 	return err < 0 ? err : 0;
@@ -324,6 +347,64 @@ out:
 	return err;
 }
 
+/* The compact forms: each row's file there, with the digest the row says; with repair, a bad one goes. */
+static int verify_artifacts(ib_cache *c, struct verify_ctx *v, bool repair)
+{
+	static const char *const kinds[] = { [IB_ARTIFACT_ZST] = "zst", [IB_ARTIFACT_BMAP] = "bmap" };
+	struct strs ids = { 0 }, rest = { 0 };
+	int err;
+
+	if ((err = query2(c, "SELECT image_id, kind || ' ' || gen || ' ' || sha256 FROM image_artifacts"
+			     " ORDER BY image_id, kind", &ids, &rest)) < 0)
+		return err;
+	for (size_t i = 0; i < ids.n && !err; i++) {
+		char kind[16] = "", sha[IB_SHA256_HEX] = "", hex[IB_SHA256_HEX];
+		long long gen = 0;
+		int k = -1;
+		char *file, *path;
+
+		if (sscanf(rest.v[i], "%15s %lld %64s", kind, &gen, sha) != 3)
+			continue;
+		for (int j = 0; j < IB_ARTIFACT_COUNT; j++)
+			if (!strcmp(kinds[j], kind))
+				k = j;
+		if (k < 0)
+			continue;
+		file = ib_cache__image_file(c, ids.v[i], gen);
+		path = ib_xasprintf("%s%s", file, ib_cache__artifact_suffix[k]);
+		if (ib_sha256_file(hex, path) < 0 || strcmp(hex, sha)) {
+			vreport(v, ids.v[i], true, "its %s file '%s' is missing or changed", kind, path);
+			if (repair) {
+				sqlite3_stmt *st = NULL;
+				pthread_mutex_lock(&c->lock);
+				if (sqlite3_prepare_v2(c->db, "DELETE FROM image_artifacts WHERE image_id = ? AND kind = ?",
+						       -1, &st, NULL) != SQLITE_OK)
+					err = ib_cache__db_error(c->db, "cannot update the cache index");
+				else {
+					sqlite3_bind_text(st, 1, ids.v[i], -1, SQLITE_STATIC);
+					sqlite3_bind_text(st, 2, kind, -1, SQLITE_STATIC);
+					if (sqlite3_step(st) != SQLITE_DONE)
+						err = ib_cache__db_error(c->db, "cannot update the cache index");
+				}
+				sqlite3_finalize(st);
+				pthread_mutex_unlock(&c->lock);
+				/* the row first: a crash here leaves a file no row names, which gc collects */
+				IB_CRASH_POINT("artifact-drop:after-row");
+				unlink(path);
+				if (!err) {
+					v->repaired++;
+					vreport(v, ids.v[i], false, "%s removed (repair; made again when asked for)", kind);
+				}
+			}
+		}
+		free(file);
+		free(path);
+	}
+	strs_free(&ids);
+	strs_free(&rest);
+	return err;
+}
+
 int ib_cache_verify(ib_cache *c, const ib_verify_opts *opts, ib_cache_report_cb report, void *arg,
 		    ib_verify_result *out)
 {
@@ -336,7 +417,8 @@ int ib_cache_verify(ib_cache *c, const ib_verify_opts *opts, ib_cache_report_cb 
 	int err;
 
 	if ((err = query2(c, "SELECT key, digest FROM layers ORDER BY key", &keys, &digests)) < 0 ||
-	    (err = query2(c, "SELECT id, ext4_sha256 FROM images ORDER BY id", &ids, &shas)) < 0 ||
+	    (err = query2(c, "SELECT id, CASE WHEN data_digest != '' THEN 'data ' || data_digest"
+			     " ELSE 'file ' || ext4_sha256 END FROM images ORDER BY id", &ids, &shas)) < 0 ||
 	    (err = query2(c, "SELECT image_id, key FROM image_layers WHERE key NOT IN (SELECT key FROM layers)"
 			     " ORDER BY image_id", &li, &lk)) < 0)
 		goto out;
@@ -365,10 +447,16 @@ int ib_cache_verify(ib_cache *c, const ib_verify_opts *opts, ib_cache_report_cb 
 		char hex[IB_SHA256_HEX];
 		free(path);
 		path = ib_cache_image_path(c, ids.v[i]);
-		if (ib_sha256_file(hex, path) < 0) {
+		/* the data digest where the index has one (reading only data); else the file's SHA-256 */
+		bool data = !strncmp(shas.v[i], "data ", 5);
+		const char *want = shas.v[i] + 5;
+		if ((data ? ib_sha256_file_data(NULL, hex, path) : ib_sha256_file(hex, path)) < 0) {
 			vreport(&v, ids.v[i], true, "%s", ib_error_last());
-		} else if (strcmp(hex, shas.v[i])) {
-			vreport(&v, ids.v[i], true, "image file changed: sha256 %s, expected %s", hex, shas.v[i]);
+		} else if (!*want && !data) {
+			continue; /* neither digest known yet */
+		} else if (strcmp(hex, want)) {
+			vreport(&v, ids.v[i], true, "image file changed: %s %s, expected %s",
+				data ? "data digest" : "sha256", hex, want);
 		} else {
 			continue;
 		}
@@ -376,6 +464,8 @@ int ib_cache_verify(ib_cache *c, const ib_verify_opts *opts, ib_cache_report_cb 
 			strs_add(&bad_images, ids.v[i]);
 	}
 
+	if ((err = verify_artifacts(c, &v, repair)) < 0)
+		goto out;
 	if (repair) {
 		/* what does not verify goes (images that need a bad layer with it); what verifies stays */
 		struct strs dep_i = { 0 }, dep_k = { 0 };

@@ -41,7 +41,7 @@ static const char *status_of(int err)
 	}
 }
 
-static void print_json(ib_build *b, int err, const char *output, const char *log_path)
+static void print_json(ib_build *b, ib_cache *cache, int err, const char *output, const char *log_path)
 {
 	const ib_plan *plan = ib_build_plan(b);
 	json_t *doc = json_object(), *layers = json_array();
@@ -49,6 +49,9 @@ static void print_json(ib_build *b, int err, const char *output, const char *log
 	char *s;
 
 	ib_build_status_get(b, &st);
+	/* the file's SHA-256, made once and kept with the image */
+	if (!err && !st.ext4_sha256[0] && ib_cache_image_digest(cache, plan->image_id, st.ext4_sha256) < 0)
+		st.ext4_sha256[0] = '\0';
 	for (size_t i = 0; i < plan->nlayers; i++) {
 		const ib_build_layer_status *l = &st.layers[i];
 		json_array_append_new(layers, json_pack("{s:i, s:s, s:s, s:b, s:f, s:s}", "index", (int)i, "kind",
@@ -166,7 +169,7 @@ int cmd_build(int argc, char **argv, ib_config *cfg)
 
 	err = ib_build_run(b, cache, &opts);
 	if (json)
-		print_json(b, err, output, log_path);
+		print_json(b, cache, err, output, log_path);
 	else if (!err)
 		puts(ib_build_plan(b)->image_id);
 	if (err) {

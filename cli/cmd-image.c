@@ -9,7 +9,8 @@
 #include "lib/util.h"
 #include "cli/cli.h"
 
-static const char export_usage[] = "export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar)";
+static const char export_usage[] =
+	"export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar | --zstd OUT.zst | --bmap OUT.bmap)";
 
 int cmd_export(int argc, char **argv, ib_config *cfg)
 {
@@ -17,10 +18,12 @@ int cmd_export(int argc, char **argv, ib_config *cfg)
 		{ "output", required_argument, NULL, 'o' },
 		{ "tar", required_argument, NULL, 'T' },
 		{ "from-layers", no_argument, NULL, 'L' },
+		{ "zstd", required_argument, NULL, 'Z' },
+		{ "bmap", required_argument, NULL, 'B' },
 		{ "cache-dir", required_argument, NULL, 'C' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *output = NULL, *tar = NULL;
+	const char *output = NULL, *tar = NULL, *zst = NULL, *bmap = NULL;
 	ib_image_info img = { 0 };
 	ib_cache *cache = NULL;
 	char id[65];
@@ -32,11 +35,13 @@ int cmd_export(int argc, char **argv, ib_config *cfg)
 		case 'o': output = optarg; break;
 		case 'T': tar = optarg; break;
 		case 'L': from_layers = 1; break;
+		case 'Z': zst = optarg; break;
+		case 'B': bmap = optarg; break;
 		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
 		default: return cli_usage(export_usage);
 		}
 	}
-	if (optind != argc - 1 || (!output == !tar))
+	if (optind != argc - 1 || (!!output + !!tar + !!zst + !!bmap) != 1 || (from_layers && !output))
 		return cli_usage(export_usage);
 	if (cli_open_cache(&cache, cfg) < 0)
 		return EXIT_FAIL;
@@ -56,8 +61,14 @@ int cmd_export(int argc, char **argv, ib_config *cfg)
 		char *src = ib_cache_image_path(cache, id);
 		err = ib_copy_sparse(src, output, 0644);
 		free(src);
-	} else {
+	} else if (tar) {
 		err = ib_export_image(cache, cfg, &img, tar, true, NULL);
+	} else {
+		/* made once, kept with the image */
+		ib_artifact_info a = { 0 };
+		if ((err = ib_cache_image_artifact(cache, id, zst ? IB_ARTIFACT_ZST : IB_ARTIFACT_BMAP, &a)) == 0)
+			err = ib_copy_sparse(a.path, zst ? zst : bmap, 0644);
+		ib_artifact_info_clear(&a);
 	}
 	if (err < 0) {
 		cli_error("%s", ib_error_last());
@@ -87,7 +98,11 @@ static json_t *image_doc(ib_cache *cache, const ib_image_info *img)
 
 	gmtime_r(&t, &tm);
 	strftime(created, sizeof(created), "%Y-%m-%dT%H:%M:%SZ", &tm);
-	json_object_set_new(doc, "ext4_sha256", json_string(img->ext4_sha256));
+	{
+		char sha[IB_SHA256_HEX];
+		json_object_set_new(doc, "ext4_sha256",
+				    ib_cache_image_digest(cache, img->id, sha) == 0 ? json_string(sha) : json_null());
+	}
 	json_object_set_new(doc, "ext4_bytes", json_integer((json_int_t)img->ext4_bytes));
 	json_object_set_new(doc, "created", json_string(created));
 	json_t *sources = json_array();

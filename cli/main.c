@@ -19,7 +19,7 @@ static const struct cmd {
 	const char *help;
 } commands[] = {
 	{ "build", cmd_build, "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S]" },
-	{ "export", cmd_export, "export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar)" },
+	{ "export", cmd_export, "export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar | --zstd OUT | --bmap OUT)" },
 	{ "inspect", cmd_inspect, "inspect IMAGE_ID" },
 	{ "ls", cmd_ls, "ls" },
 	{ "cache", cmd_cache, "cache verify [--repair]" },

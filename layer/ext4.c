@@ -95,6 +95,7 @@
 #define HEADROOM_BLOCKS		((64 * 1024 * 1024) / BLOCK_SIZE)
 #define INODE_HEADROOM		1024
 #define ROUND_BLOCKS		((1024 * 1024) / BLOCK_SIZE)
+#define INODE_RATIO		16384		/* bytes per inode of a sized image, as mke2fs' ext4 */
 
 /* Room for xattrs in a 256-byte inode: after extra_isize, magic, end marker. */
 #define IBODY_XATTR_ROOM	(INODE_SIZE - EXT2_GOOD_OLD_INODE_SIZE - 32 - 4 - 4)
@@ -181,7 +182,8 @@ static int fs_error(errcode_t code, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	return ib_error_set("%s: %s", msg, error_message(code));
+	ib_error_set("%s: %s", msg, error_message(code));
+	return IB_ERROR;
 }
 
 static const char *shown(const char *path)
@@ -335,12 +337,14 @@ static int fs_layout(ext2_filsys *out, int fd, blk64_t blocks, uint64_t inodes)
 	ext2fs_set_feature_metadata_csum(&param);
 
 	iofd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-	if (iofd < 0)
-		return ib_error_set_errno(errno, "cannot duplicate the image descriptor");
+	if (iofd < 0) {
+		ib_error_set_errno(errno, "cannot duplicate the image descriptor");
+		return IB_ERROR;
+	}
 	snprintf(name, sizeof(name), "%d", iofd);
 	/* From here on the channel owns iofd, and closes it even on failure. */
 	code = ext2fs_initialize(name, EXT2_FLAG_64BITS, &param, unixfd_io_manager, &fs);
-	if (code)
+	if (code || !fs)
 		return fs_error(code, "cannot lay out an ext4 file system of %llu blocks",
 				(unsigned long long)blocks);
 	code = ext2fs_allocate_tables(fs);
@@ -361,13 +365,20 @@ static blk64_t journal_blocks(ext2_filsys fs)
 	return (blk64_t)jp.num_journal_blocks + jp.num_fc_blocks;
 }
 
-/* Grow the image until the laid-out file system has the free space wanted. */
-static int choose_geometry(ext2_filsys *out, int fd, const struct estimate *est)
+/* Inodes for est: its entries and the reserved ones, plus headroom when asked. */
+static uint64_t inodes_for(const struct estimate *est, bool headroom)
 {
-	uint64_t content = est->blocks + (est->has_lpf ? 0 : LPF_BLOCKS);
-	uint64_t want = content + content * HEADROOM_PERCENT / 100 + HEADROOM_BLOCKS;
-	uint64_t inodes = est->inodes + 1 + est->inodes * HEADROOM_PERCENT / 100 + INODE_HEADROOM +
-			  EXT2_GOOD_OLD_FIRST_INO;
+	uint64_t n = est->inodes + 1 + EXT2_GOOD_OLD_FIRST_INO;
+
+	return headroom ? n + est->inodes * HEADROOM_PERCENT / 100 + INODE_HEADROOM : n;
+}
+
+/*
+ * Grow the image until the laid-out file system has want free blocks for
+ * the content (and inodes); *out is laid out, not written.
+ */
+static int fit_geometry(ext2_filsys *out, int fd, uint64_t want, uint64_t inodes)
+{
 	blk64_t blocks = div_up(want + want / 16, ROUND_BLOCKS) * ROUND_BLOCKS;
 	ext2_filsys fs = NULL;
 	int err;
@@ -392,6 +403,84 @@ static int choose_geometry(ext2_filsys *out, int fd, const struct estimate *est)
 	}
 	return ib_error_set("cannot find an ext4 geometry for %llu blocks and %llu inodes",
 			    (unsigned long long)want, (unsigned long long)inodes);
+}
+
+/*
+ * The file system of exactly size bytes for est, one inode per 16 KiB at
+ * least: 1 and *out when the content fits, 0 when it does not.
+ */
+static int sized_layout(ext2_filsys *out, int fd, const struct estimate *est, uint64_t content, uint64_t size)
+{
+	uint64_t inodes = size / INODE_RATIO;
+	ext2_filsys fs = NULL;
+	blk64_t total, overhead;
+	int err;
+
+	if (inodes < inodes_for(est, false))
+		inodes = inodes_for(est, false);
+	if (inodes > UINT32_MAX)
+		return 0;
+	if ((err = fs_layout(&fs, fd, size / BLOCK_SIZE, inodes)) < 0)
+		return err;
+	total = ext2fs_blocks_count(fs->super);
+	overhead = total - ext2fs_free_blocks_count(fs->super) + journal_blocks(fs);
+	if (total > overhead && total - overhead >= content && inodes <= fs->super->s_inodes_count) {
+		*out = fs;
+		return 1;
+	}
+	ext2fs_free(fs);
+	return 0;
+}
+
+/*
+ * The file system for est: of size bytes, or, when size is 0, of the
+ * content plus headroom.  Content that does not fit names the smallest
+ * whole number of MiB that does.
+ */
+static int choose_geometry(ext2_filsys *out, int fd, const struct estimate *est, uint64_t size)
+{
+	uint64_t content = est->blocks + (est->has_lpf ? 0 : LPF_BLOCKS);
+	uint64_t want = content + content * HEADROOM_PERCENT / 100 + HEADROOM_BLOCKS;
+	uint64_t lo, hi;
+	ext2_filsys fs = NULL;
+	int rc;
+
+	if (!size)
+		return fit_geometry(out, fd, want, inodes_for(est, true));
+	if ((rc = sized_layout(out, fd, est, content, size)) != 0)
+		return rc < 0 ? rc : 0;
+
+	/* lo MiB does not fit, hi MiB does: the room needed grows with the size, so halve. */
+	lo = size >> 20;
+	for (hi = lo < 1 ? 2 : 2 * lo;; hi *= 2) {
+		if ((rc = sized_layout(&fs, fd, est, content, hi << 20)) < 0)
+			return rc;
+		if (rc) {
+			ext2fs_free(fs);
+			break;
+		}
+		if (hi > (UINT64_C(1) << 30))
+			return ib_error_set("the content does not fit in any disk_size");
+		lo = hi;
+	}
+	while (hi - lo > 1) {
+		uint64_t mid = lo + (hi - lo) / 2;
+
+		if ((rc = sized_layout(&fs, fd, est, content, mid << 20)) < 0)
+			return rc;
+		if (rc) {
+			ext2fs_free(fs);
+			hi = mid;
+		} else {
+			lo = mid;
+		}
+	}
+	ib_error_set("the content does not fit: disk_size is %llu bytes (%llu MiB), the content is %llu MiB (%llu "
+		     "inodes), and with the file system's own metadata the smallest disk_size that fits is %llu MiB",
+		     (unsigned long long)size, (unsigned long long)(size >> 20),
+		     (unsigned long long)div_up(content * BLOCK_SIZE, 1 << 20), (unsigned long long)inodes_for(est, false),
+		     (unsigned long long)hi);
+	return IB_EINVALID;
 }
 
 static void set_identity(ext2_filsys fs, const ib_export_opts *opts)
@@ -1218,48 +1307,14 @@ static int prepare_fs(struct writer *w, const ib_export_opts *opts)
 	return 0;
 }
 
-static int open_output(char **out_tmp, int *out_fd, const char *out_path)
-{
-	char *tmp = ib_xasprintf("%s.tmp.XXXXXX", out_path);
-	int fd = mkostemp(tmp, O_CLOEXEC);
-
-	if (fd < 0) {
-		int err = ib_error_set_errno(errno, "cannot create '%s'", tmp);
-		free(tmp);
-		return err;
-	}
-	*out_tmp = tmp;
-	*out_fd = fd;
-	return 0;
-}
-
-/* Make tmp (open as fd) the file at out_path: mode, sync, rename, sync dir. */
-static int commit_output(const char *tmp, int fd, const char *out_path)
-{
-	char *dir, *slash;
-	int err;
-
-	if (fchmod(fd, 0644) < 0)
-		return ib_error_set_errno(errno, "cannot set the mode of '%s'", tmp);
-	if (fsync(fd) < 0)
-		return ib_error_set_errno(errno, "cannot write '%s'", tmp);
-	if (rename(tmp, out_path) < 0)
-		return ib_error_set_errno(errno, "cannot rename '%s' to '%s'", tmp, out_path);
-	dir = ib_xstrdup(out_path);
-	slash = strrchr(dir, '/');
-	if (slash)
-		*slash = '\0';
-	err = ib_fsync_dir(!slash ? "." : *dir ? dir : "/");
-	free(dir);
-	return err;
-}
-
 static int check_opts(const ib_export_opts *opts)
 {
 	if (!opts || !opts->image_id || !ib_is_hex64(opts->image_id))
 		return ib_error_set("an export needs an image id of 64 hex digits");
 	if (opts->epoch < 0)
 		return ib_error_set("the export epoch %lld is before 1970", (long long)opts->epoch);
+	if (opts->size % BLOCK_SIZE)
+		return ib_error_set("an ext4 image size must be a multiple of %d bytes", BLOCK_SIZE);
 	return 0;
 }
 
@@ -1284,10 +1339,10 @@ int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayer
 	err = ib_layerfs_walk(layers, nlayers, &estimate_ops, est);
 	if (err)
 		goto out;
-	err = open_output(&tmp, &fd, out_path);
+	err = ib_output_open(out_path, &tmp, &fd);
 	if (err)
 		goto out;
-	err = choose_geometry(&w.fs, fd, est);
+	err = choose_geometry(&w.fs, fd, est, opts->size);
 	if (err)
 		goto out;
 	bytes = ext2fs_blocks_count(w.fs->super) * BLOCK_SIZE;
@@ -1318,7 +1373,7 @@ int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayer
 		goto out;
 	}
 	w.fs = NULL;
-	err = commit_output(tmp, fd, out_path);
+	err = ib_output_commit(tmp, fd, out_path, 0644);
 	if (err)
 		goto out;
 	free(tmp);

@@ -123,6 +123,13 @@ int ib_image_meta_parse(ib_image_meta **out, const char *json)
 	}
 	if ((v = json_object_get(doc, "spec")) && !json_is_null(v))
 		m->spec = json_incref(v);
+	if ((v = json_object_get(doc, "disk_size")) && !json_is_null(v)) {
+		if (!json_is_integer(v) || json_integer_value(v) < 0) {
+			err = ib_error_set("image metadata: 'disk_size' must be a number of bytes");
+			goto out;
+		}
+		m->disk_size = (uint64_t)json_integer_value(v);
+	}
 	if ((v = json_object_get(doc, "source_date_epoch")) && !json_is_null(v)) {
 		if (!json_is_integer(v)) {
 			err = ib_error_set("image metadata: 'source_date_epoch' must be an integer");
@@ -160,6 +167,8 @@ json_t *ib_image_meta_json(const ib_image_meta *m)
 	json_object_set_new(doc, "layers", layers);
 	json_object_set_new(doc, "spec", m->spec ? json_deep_copy(m->spec) : json_null());
 	json_object_set_new(doc, "source_date_epoch", json_integer(m->epoch));
+	if (m->disk_size)
+		json_object_set_new(doc, "disk_size", json_integer((json_int_t)m->disk_size));
 	if (m->init)
 		json_object_set_new(doc, "init", json_string(m->init));
 	return doc;

@@ -17,7 +17,7 @@
  *   {"image_id", "base", "arch", "machine", "python_version" (or null),
  *    "python": {"version", "release", "machine", "sha256"} (when pinned),
  *    "env": {NAME: value}, "layers": [{"index", "kind", "key"}],
- *    "spec": the canonical spec, "source_date_epoch",
+ *    "spec": the canonical spec, "source_date_epoch", "disk_size",
  *    "init": "image" | "imagebuilder:<sha256>" (set by the export)}
  */
 
@@ -44,6 +44,7 @@ typedef struct ib_image_meta {
 	ib_image_meta_layer *layers;
 	json_t *spec;          /* the canonical spec document; NULL when unknown */
 	int64_t epoch;         /* SOURCE_DATE_EPOCH the image was built with */
+	uint64_t disk_size;    /* bytes of its file system; 0: sized to its content (before disk_size) */
 	char *init;            /* "image", "imagebuilder:<sha256>", or NULL before export */
 } ib_image_meta;
 

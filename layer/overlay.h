@@ -87,6 +87,15 @@ void ib_overlay_entry_clear(ib_overlay_entry *e);
 int ib_overlay_read_file(char **out, size_t *out_len, const char *const *layers, size_t n, const char *rel,
 			 size_t max, const char *limit_name);
 
+/*
+ * The names in the directory rel of the merged view (whiteouts and what
+ * they hide left out), sorted: 1 and *out (a NULL-terminated vector, free
+ * with ib_strv_free), 0 when rel is absent or not a directory.  rel "" is
+ * the root.
+ */
+struct ib_strv;
+int ib_overlay_list(struct ib_strv *out, const char *const *layers, size_t n, const char *rel);
+
 /* The target of the symlink rel of the merged view: 1 and *out (owned), 0 when absent or not a link. */
 int ib_overlay_readlink(char **out, const char *const *layers, size_t n, const char *rel);
 

@@ -126,18 +126,6 @@ static int write_body(struct tar_writer *t, const ib_layerfs_entry *e, bool spar
 	return write_zeros(t, e->st.st_size - pos, e->path);
 }
 
-static int fsync_parent(const char *path)
-{
-	char *dir = ib_xstrdup(path), *slash = strrchr(dir, '/');
-	int err;
-
-	if (slash)
-		*slash = '\0';
-	err = ib_fsync_dir(!slash ? "." : *dir ? dir : "/");
-	free(dir);
-	return err;
-}
-
 static int tar_enter(void *ctx, ib_layerfs_entry *e)
 {
 	struct tar_writer *t = ctx;
@@ -211,13 +199,8 @@ int ib_tar_write(const char *out_path, const char *const *layers, size_t nlayers
 	memset(&t, 0, sizeof(t));
 	t.epoch = opts->epoch;
 
-	tmp = ib_xasprintf("%s.tmp.XXXXXX", out_path);
-	fd = mkostemp(tmp, O_CLOEXEC);
-	if (fd < 0) {
-		err = ib_error_set_errno(errno, "cannot create '%s'", tmp);
-		free(tmp);
+	if ((err = ib_output_open(out_path, &tmp, &fd)) < 0)
 		return err;
-	}
 	t.a = archive_write_new();
 	t.entry = archive_entry_new();
 	if (!t.a || !t.entry) {
@@ -248,17 +231,10 @@ int ib_tar_write(const char *out_path, const char *const *layers, size_t nlayers
 		err = archive_fail(t.a, "archive", out_path);
 		goto out;
 	}
-	if (fchmod(fd, 0644) < 0 || fsync(fd) < 0) {
-		err = ib_error_set_errno(errno, "cannot write '%s'", tmp);
+	if ((err = ib_output_commit(tmp, fd, out_path, 0644)) < 0)
 		goto out;
-	}
-	if (rename(tmp, out_path) < 0) {
-		err = ib_error_set_errno(errno, "cannot rename '%s' to '%s'", tmp, out_path);
-		goto out;
-	}
 	free(tmp);
 	tmp = NULL;
-	err = fsync_parent(out_path);
 out:
 	if (t.a)
 		archive_write_free(t.a);

@@ -13,13 +13,21 @@
 typedef struct ib_export_opts {
 	const char *image_id; /* 64 hex digits: UUID and hash seed derive from it */
 	int64_t epoch;        /* every timestamp is clamped to this (SOURCE_DATE_EPOCH) */
+	/*
+	 * ext4: the file system's size in bytes (a multiple of 4 KiB), with
+	 * at least one inode per 16 KiB; 0: the content plus headroom (images
+	 * made before disk_size).
+	 */
+	uint64_t size;
 } ib_export_opts;
 
 /*
  * Write a raw ext4 image (no partition table) to out_path, replacing it.
- * Sized to the content plus headroom (see ext4.c), sparse, e2fsck clean,
- * the same bytes for the same layers and options.  *out_bytes (may be NULL)
- * receives the image's apparent size.
+ * Of opts->size bytes (or sized to the content plus headroom, see ext4.c),
+ * sparse, e2fsck clean, the same bytes for the same layers and options.
+ * Content that does not fit opts->size is IB_EINVALID, the message naming
+ * disk_size, the content's size and the smallest size that fits.
+ * *out_bytes (may be NULL) receives the image's apparent size.
  */
 int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayers,
 		  const ib_export_opts *opts, uint64_t *out_bytes);

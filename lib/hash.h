@@ -21,7 +21,17 @@ void ib_sha256_free(ib_sha256 *h);
 /* One-shot. */
 void ib_sha256_hex(char *hex, const void *data, size_t len);
 
-/* Hash a whole file by path. */
+/* Hash a whole file by path (holes are not read: they hash as zeros). */
 int ib_sha256_file(char *hex, const char *path);
+
+/*
+ * The file's SHA-256 (hex, may be NULL) and, in the same pass, its data
+ * digest (data_hex, may be NULL): SHA-256 over "imagebuilder/data/v1", the size,
+ * and each 4 KiB block that is not all zeros with its offset.  The data
+ * digest reads only the file's data, so it checks a 4 GiB sparse image in
+ * the time its content takes; it does not depend on which zeros are holes.
+ */
+#define IB_DATA_BLOCK 4096
+int ib_sha256_file_data(char *hex, char *data_hex, const char *path);
 
 #endif

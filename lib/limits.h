@@ -21,6 +21,9 @@
 #define IB_TIMEOUT_MAX		(7 * 24 * 3600)	/* seconds */
 #define IB_JSON_DEPTH_MAX	16		/* nesting of a spec document */
 #define IB_DEFINITION_MAX	(1024 * 1024)	/* a base definition or the python version table */
+#define IB_DISK_SIZE_DEFAULT	(4ULL << 30)	/* disk_size of an image when the spec names none */
+#define IB_DISK_SIZE_MIN	(64ULL << 20)	/* the smallest disk_size */
+#define IB_DISK_SIZE_MAX	(1ULL << 40)	/* the largest disk_size: 1 TiB */
 #define IB_ENV_FILE_MAX		(1024 * 1024)	/* an image's /etc/environment, read to merge the env steps in */
 
 /* The BuildImage service (imagebuilder serve). */

@@ -320,11 +320,47 @@ int ib_fsync_dir(const char *path)
 	return err;
 }
 
+int ib_fsync_parent(const char *path)
+{
+	char *dir = ib_xstrdup(path), *slash = strrchr(dir, '/');
+	int err;
+
+	if (slash)
+		*slash = '\0';
+	err = ib_fsync_dir(!slash ? "." : *dir ? dir : "/");
+	free(dir);
+	return err;
+}
+
+int ib_output_open(const char *path, char **out_tmp, int *out_fd)
+{
+	char *tmp = ib_xasprintf("%s.tmp.XXXXXX", path);
+	int fd = mkostemp(tmp, O_CLOEXEC);
+
+	if (fd < 0) {
+		int err = ib_error_set_errno(errno, "cannot create '%s'", tmp);
+		free(tmp);
+		return err;
+	}
+	*out_tmp = tmp;
+	*out_fd = fd;
+	return 0;
+}
+
+int ib_output_commit(const char *tmp, int fd, const char *path, mode_t mode)
+{
+	if (fchmod(fd, mode) < 0)
+		return ib_error_set_errno(errno, "cannot set the mode of '%s'", tmp);
+	if (fsync(fd) < 0)
+		return ib_error_set_errno(errno, "cannot write '%s'", tmp);
+	if (rename(tmp, path) < 0)
+		return ib_error_set_errno(errno, "cannot rename '%s' to '%s'", tmp, path);
+	return ib_fsync_parent(path);
+}
+
 int ib_write_file_atomic(const char *path, const void *data, size_t len, mode_t mode)
 {
 	char *tmp = ib_xasprintf("%s.tmp.%ld", path, (long)getpid());
-	char *dir = ib_xstrdup(path);
-	char *slash;
 	int fd, err = 0;
 
 	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
@@ -348,14 +384,9 @@ int ib_write_file_atomic(const char *path, const void *data, size_t len, mode_t 
 		unlink(tmp);
 		goto out;
 	}
-	slash = strrchr(dir, '/');
-	if (slash) {
-		*slash = '\0';
-		err = ib_fsync_dir(*dir ? dir : "/");
-	}
+	err = ib_fsync_parent(path);
 out:
 	free(tmp);
-	free(dir);
 	return err;
 }
 

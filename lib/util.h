@@ -69,6 +69,18 @@ int ib_read_file(char **out, size_t *out_len, const char *path, size_t max);
  */
 int ib_write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
 
+/*
+ * An output file made whole or not at all.  ib_output_open() creates a
+ * temporary beside path (*tmp, open as *fd); ib_output_commit() sets its
+ * mode, syncs it, renames it over path and syncs the directory.  The caller
+ * closes fd, and on failure unlinks and frees *tmp.
+ */
+int ib_output_open(const char *path, char **tmp, int *fd);
+int ib_output_commit(const char *tmp, int fd, const char *path, mode_t mode);
+
+/* fsync the directory that holds path. */
+int ib_fsync_parent(const char *path);
+
 /* write(2) all of it, retrying on EINTR and short writes. */
 int ib_write_all(int fd, const void *data, size_t len);
 

@@ -161,45 +161,85 @@ enum MHD_Result srv_serve_logs(req *r, struct MHD_Connection *c, const char *id)
 	return srv_send(r, c, MHD_HTTP_OK, resp);
 }
 
-enum MHD_Result srv_serve_rootfs(req *r, struct MHD_Connection *c, const char *id, bool head)
+/*
+ * The file to serve: the image itself (kind < 0) or one of its compact
+ * forms (made on first use), opened, with its entity tag and size.  The fd
+ * keeps what it opened: a concurrent gc or forced rebuild cannot change
+ * what it reads.  0, or a response already queued in *ret.
+ */
+static int open_image_file(req *r, struct MHD_Connection *c, const char *id, int kind, int *out_fd,
+			   char etag[IB_SHA256_HEX + 16], uint64_t *out_size, enum MHD_Result *ret)
 {
 	ib_server *srv = r->srv;
 	ib_image_info info = { 0 };
+	ib_artifact_info a = { 0 };
+	struct stat st;
+	int fd = -1, rc;
+
+	for (int attempt = 0; attempt < 2; attempt++) {
+		char *path;
+
+		if (kind >= 0) {
+			if ((rc = ib_cache_image_artifact(srv->cache, id, (ib_artifact)kind, &a)) < 0)
+				goto fail;
+			snprintf(etag, IB_SHA256_HEX + 16, "\"sha256:%s\"", a.sha256);
+			*out_size = a.bytes;
+			path = a.path;
+			a.path = NULL;
+		} else {
+			if ((rc = ib_cache_image_get(srv->cache, id, &info)) <= 0)
+				goto fail;
+			if (!info.ext4_sha256[0] && (rc = ib_cache_image_digest(srv->cache, id, info.ext4_sha256)) < 0) {
+				ib_image_info_clear(&info);
+				goto fail;
+			}
+			snprintf(etag, IB_SHA256_HEX + 16, "\"sha256:%s\"", info.ext4_sha256);
+			*out_size = info.ext4_bytes;
+			ib_image_info_clear(&info);
+			path = ib_cache_image_path(srv->cache, id);
+		}
+		ib_artifact_info_clear(&a);
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		free(path);
+		if (fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_size == *out_size) {
+			*out_fd = fd;
+			return 0;
+		}
+		/* re-exported between the two looks: look again */
+		if (fd >= 0)
+			close(fd);
+	}
+	*ret = srv_respond_error(r, c, IB_CONNECT_DATA_LOSS,
+				 "image '%s' does not have the size the index records; run 'cache verify'", id);
+	return -1;
+fail:
+	ib_artifact_info_clear(&a);
+	*ret = rc == 0 || rc == IB_ENOTFOUND ? srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no image '%s'", id)
+					     : srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
+	return -1;
+}
+
+enum MHD_Result srv_serve_rootfs(req *r, struct MHD_Connection *c, const char *id, int kind, bool head)
+{
+	static const char *const types[] = { [IB_ARTIFACT_ZST] = "application/zstd",
+					     [IB_ARTIFACT_BMAP] = "application/xml" };
+	ib_server *srv = r->srv;
 	struct MHD_Response *resp;
-	char etag[IB_SHA256_HEX + 16], cr[96], *path;
+	char etag[IB_SHA256_HEX + 16], cr[96];
 	const char *inm = srv_header_value(c, MHD_HTTP_HEADER_IF_NONE_MATCH);
 	const char *if_range = srv_header_value(c, MHD_HTTP_HEADER_IF_RANGE);
 	const char *range = srv_header_value(c, MHD_HTTP_HEADER_RANGE);
-	uint64_t start = 0, len = 0, size;
+	uint64_t start = 0, len = 0, size = 0;
 	ib_range_result rr = IB_RANGE_NONE;
 	unsigned status = MHD_HTTP_OK;
-	struct stat st;
-	int fd, rc;
+	enum MHD_Result ret;
+	int fd;
 
 	if (!ib_is_hex64(id))
 		return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no such image");
 	snprintf(r->image_id, sizeof(r->image_id), "%s", id);
-	if ((rc = ib_cache_image_get(srv->cache, id, &info)) < 0)
-		return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
-	if (rc == 0)
-		return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no image '%s'", id);
-	snprintf(etag, sizeof(etag), "\"sha256:%s\"", info.ext4_sha256);
-	size = info.ext4_bytes;
-	ib_image_info_clear(&info);
-
-	/* The file as it is now; a concurrent gc or forced rebuild cannot change what this fd reads. */
-	path = ib_cache_image_path(srv->cache, id);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	free(path);
-	if (fd < 0)
-		return errno == ENOENT ? srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no image '%s'", id)
-				       : srv_respond_error(r, c, IB_CONNECT_INTERNAL, "cannot open image '%s': %s", id,
-						       strerror(errno));
-	if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != size) {
-		close(fd);
-		return srv_respond_error(r, c, IB_CONNECT_DATA_LOSS,
-				     "image '%s' does not have the size the index records; run 'cache verify'", id);
-	}
+	if (open_image_file(r, c, id, kind, &fd, etag, &size, &ret) < 0)
+		return ret;
 
 	if (inm && ib_http_etag_match(inm, etag)) {
 		close(fd);
@@ -229,7 +269,7 @@ enum MHD_Result srv_serve_rootfs(req *r, struct MHD_Connection *c, const char *i
 	resp = fd_response(fd, start, len);
 	if (!resp)
 		return MHD_NO;
-	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, kind >= 0 ? types[kind] : "application/octet-stream");
 	MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
 	MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
 	if (status == MHD_HTTP_PARTIAL_CONTENT)

@@ -286,9 +286,12 @@ static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *
 		id[n] = '\0';
 		return srv_serve_logs(r, c, id);
 	}
-	if (r->ep == IB_EP_ROOTFS && (p = strchr(url + 11, '/')) && !strcmp(p, "/rootfs.ext4")) {
+	if (r->ep == IB_EP_ROOTFS && (p = strchr(url + 11, '/')) &&
+	    (!strcmp(p, "/rootfs.ext4") || !strcmp(p, "/rootfs.ext4.zst") || !strcmp(p, "/rootfs.ext4.bmap"))) {
 		char id[IB_SHA256_HEX];
 		size_t n = (size_t)(p - (url + 11));
+		int kind = !strcmp(p, "/rootfs.ext4") ? -1 : !strcmp(p, "/rootfs.ext4.zst") ? IB_ARTIFACT_ZST
+											 : IB_ARTIFACT_BMAP;
 		if (!get && !head)
 			return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED,
 					    MHD_HTTP_HEADER_ALLOW, "GET, HEAD", "use GET or HEAD");
@@ -296,7 +299,7 @@ static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *
 			return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no such image");
 		memcpy(id, url + 11, n);
 		id[n] = '\0';
-		return srv_serve_rootfs(r, c, id, head);
+		return srv_serve_rootfs(r, c, id, kind, head);
 	}
 	r->ep = IB_EP_OTHER;
 	if (!strncmp(url, RPC_PREFIX, sizeof(RPC_PREFIX) - 1))

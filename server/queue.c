@@ -366,6 +366,16 @@ static void run_job(ib_server *srv, job *j)
 	if (o.log_fd >= 0)
 		close(o.log_fd);
 	free(path);
+	/*
+	 * The whole file's SHA-256 (GetImage's ext4_sha256, the download's
+	 * ETag) reads every byte, holes too: a few seconds for 4 GiB.  Made
+	 * here, after READY, so that the first GetImage rarely waits for it.
+	 */
+	if (status == ST_READY) {
+		char sha[IB_SHA256_HEX];
+		if (ib_cache_image_digest(srv->cache, j->image_id, sha) < 0)
+			ib_error_clear();
+	}
 }
 
 static void *builder_main(void *arg)

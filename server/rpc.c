@@ -384,16 +384,23 @@ static enum MHD_Result rpc_get_image(req *r, struct MHD_Connection *c, json_t *m
 		return rc < 0 ? srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last())
 			      : srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no image '%s'", id);
 	m = info.meta;
+	if (!info.ext4_sha256[0] && ib_cache_image_digest(srv->cache, id, info.ext4_sha256) < 0) {
+		ib_image_info_clear(&info);
+		return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
+	}
 	layers = json_array();
 	for (size_t i = 0; i < info.nlayers; i++)
 		json_array_append_new(layers, json_string(info.layers[i]));
 	base = base_url(r, c);
 	ib_http_time(created, (double)info.created);
-	doc = json_pack("{s:s, s:s, s:o, s:O, s:o, s:s, s:I, s:s, s:o, s:s+++}", "image_id", info.id, "arch", info.arch,
-			"base", m->base ? json_string(m->base) : json_null(), "env", m->env, "python_version",
-			m->python_version ? json_string(m->python_version) : json_null(), "ext4_sha256",
-			info.ext4_sha256, "ext4_bytes", (json_int_t)info.ext4_bytes, "created_at", created, "layers",
-			layers, "rootfs_url", base, "/v1/images/", info.id, "/rootfs.ext4");
+	doc = json_pack("{s:s, s:s, s:o, s:O, s:o, s:s, s:I, s:I, s:s, s:o, s:s+++, s:s+++, s:s+++}", "image_id",
+			info.id, "arch", info.arch, "base", m->base ? json_string(m->base) : json_null(), "env", m->env,
+			"python_version", m->python_version ? json_string(m->python_version) : json_null(),
+			"ext4_sha256", info.ext4_sha256, "ext4_bytes", (json_int_t)info.ext4_bytes, "disk_size",
+			(json_int_t)(m->disk_size ? m->disk_size : info.ext4_bytes), "created_at", created, "layers",
+			layers, "rootfs_url", base, "/v1/images/", info.id, "/rootfs.ext4", "rootfs_zst_url", base,
+			"/v1/images/", info.id, "/rootfs.ext4.zst", "rootfs_bmap_url", base, "/v1/images/", info.id,
+			"/rootfs.ext4.bmap");
 	free(base);
 	ib_image_info_clear(&info);
 	if (!doc)

@@ -211,7 +211,8 @@ void srv_build_log(const ib_server *srv, const char *build_id, int fd, const cha
 char *srv_log_tail_of(const ib_server *srv, const char *id);
 void srv_touch_image(ib_server *srv, const char *image_id);
 enum MHD_Result srv_serve_logs(req *r, struct MHD_Connection *c, const char *id);
-enum MHD_Result srv_serve_rootfs(req *r, struct MHD_Connection *c, const char *id, bool head);
+/* GET|HEAD /v1/images/<id>/rootfs.ext4 (kind -1), .ext4.zst, .ext4.bmap (an ib_artifact) */
+enum MHD_Result srv_serve_rootfs(req *r, struct MHD_Connection *c, const char *id, int kind, bool head);
 
 /* queue.c: jobs, the queue and the builder threads */
 void srv_new_build_id(char out[IB_BUILD_ID_MAX]);

@@ -63,7 +63,7 @@ int ib_plan_make(ib_plan **out, const ib_spec *spec, const ib_basedef *base, con
 		if (spec->steps[i].ops->flags & IB_STEP_ENV)
 			json_object_update(p->env, spec->steps[i].arg);
 	}
-	ib_key_image(p->image_id, p->layers[p->nlayers - 1].key);
+	ib_key_image(p->image_id, p->layers[p->nlayers - 1].key, spec->disk_size);
 	*out = p;
 	return 0;
 }

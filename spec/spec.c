@@ -8,9 +8,10 @@
  *  - the document: at most IB_SPEC_MAX_BYTES, no NUL byte (raw, or as
  *    \u0000 in a string), valid UTF-8 JSON with no duplicate object key and
  *    nothing after the top value, nested at most IB_JSON_DEPTH_MAX deep;
- *  - the top value: an object with the keys base (required), python_version
- *    and steps (both optional), nothing else;
+ *  - the top value: an object with the keys base (required), disk_size,
+ *    python_version and steps (optional), nothing else;
  *  - base: a string, a known base or alias (ib_spec_base_name());
+ *  - disk_size: see parse_disk_size();
  *  - python_version: null (not pinned) or "X.Y.Z", each part 1 to 3 digits
  *    without a leading zero, so that one version has one spelling;
  *  - steps: an array of at most IB_SPEC_MAX_STEPS objects, each with
@@ -37,7 +38,7 @@
 #define CANONICAL_FLAGS (JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII)
 
 #define KEY_LAYER_TAG "imagebuilder/layer/v1"
-#define KEY_IMAGE_TAG "imagebuilder/image/v1"
+#define KEY_IMAGE_TAG "imagebuilder/image/v2"
 
 static const struct {
 	const char *name;
@@ -50,7 +51,7 @@ static const struct {
 };
 
 #define KNOWN_BASES "debian_amd64, debian_arm64 (aliases debian_amd, debian_arm)"
-#define KNOWN_KEYS "base, python_version, steps"
+#define KNOWN_KEYS "base, disk_size, python_version, steps"
 
 const char *ib_spec_base_name(const char *name)
 {
@@ -224,6 +225,57 @@ static int reject_json_error(const json_error_t *jerr)
 			       jerr->line, jerr->column, text);
 }
 
+/*
+ * disk_size: a whole number of bytes, as a JSON integer or a string of
+ * digits with an optional binary suffix K, M, G or T (either case); a
+ * multiple of the 4 KiB block, from IB_DISK_SIZE_MIN to IB_DISK_SIZE_MAX.
+ */
+static int parse_disk_size(uint64_t *out, const json_t *v)
+{
+	char q[IB_FIELD_QUOTE_MAX], num[24];
+	uint64_t n, mult = 1;
+
+	if (json_is_integer(v)) {
+		if (json_integer_value(v) <= 0)
+			return ib_field_invalid("disk_size: %lld is not a size in bytes", (long long)json_integer_value(v));
+		n = (uint64_t)json_integer_value(v);
+	} else if (json_is_string(v)) {
+		const char *s = json_string_value(v);
+		size_t len = json_string_length(v);
+
+		if (len && strchr("kKmMgGtT", s[len - 1])) {
+			switch (s[len - 1] | 0x20) {
+			case 'k': mult = 1ULL << 10; break;
+			case 'm': mult = 1ULL << 20; break;
+			case 'g': mult = 1ULL << 30; break;
+			default: mult = 1ULL << 40; break;
+			}
+			len--;
+		}
+		if (!len || len >= sizeof(num) || strspn(s, "0123456789") != len)
+			return ib_field_invalid("disk_size: %s is not a size (bytes, or a number with K, M, G or T)",
+						ib_field_quote(q, s, json_string_length(v)));
+		memcpy(num, s, len);
+		num[len] = '\0';
+		if (ib_parse_u64(&n, num, IB_DISK_SIZE_MAX / mult) < 0)
+			return ib_field_invalid("disk_size: %s is larger than %llu GiB", ib_field_quote(q, s, json_string_length(v)),
+						(unsigned long long)(IB_DISK_SIZE_MAX >> 30));
+		n *= mult;
+	} else {
+		return ib_field_invalid("disk_size: expected a number of bytes or a string like \"4G\", got %s",
+					ib_field_type_name(v));
+	}
+	if (n < IB_DISK_SIZE_MIN || n > IB_DISK_SIZE_MAX)
+		return ib_field_invalid("disk_size: %llu bytes; it must be from %llu MiB to %llu GiB", (unsigned long long)n,
+					(unsigned long long)(IB_DISK_SIZE_MIN >> 20),
+					(unsigned long long)(IB_DISK_SIZE_MAX >> 30));
+	if (n % 4096)
+		return ib_field_invalid("disk_size: %llu bytes is not a multiple of 4096 (the block size)",
+					(unsigned long long)n);
+	*out = n;
+	return 0;
+}
+
 static int parse_step(ib_step *step, const json_t *v, size_t index, size_t *nenv)
 {
 	char field[64], q[IB_FIELD_QUOTE_MAX];
@@ -274,7 +326,8 @@ static int parse_root(ib_spec *spec, const json_t *root)
 	if (!json_is_object(root))
 		return ib_field_invalid("spec: expected an object, got %s", ib_field_type_name(root));
 	json_object_foreach((json_t *)root, key, v) {
-		if (strcmp(key, "base") && strcmp(key, "python_version") && strcmp(key, "steps"))
+		if (strcmp(key, "base") && strcmp(key, "disk_size") && strcmp(key, "python_version") &&
+		    strcmp(key, "steps"))
 			return ib_field_invalid("spec: unknown key %s; known: " KNOWN_KEYS,
 					       ib_field_quote(q, key, strlen(key)));
 	}
@@ -300,6 +353,11 @@ static int parse_root(ib_spec *spec, const json_t *root)
 					       ib_field_quote(q, json_string_value(v), json_string_length(v)));
 		spec->python_version = ib_xstrdup(json_string_value(v));
 	}
+
+	spec->disk_size = IB_DISK_SIZE_DEFAULT;
+	v = json_object_get(root, "disk_size");
+	if (v && !json_is_null(v) && (r = parse_disk_size(&spec->disk_size, v)) < 0)
+		return r;
 
 	v = json_object_get(root, "steps");
 	if (!v)
@@ -424,6 +482,7 @@ char *ib_spec_canonical(const ib_spec *spec)
 		if (json_array_append_new(steps, step_object(&spec->steps[i])) < 0)
 			abort();
 	if (json_object_set_new(o, "base", json_string(spec->base)) < 0 ||
+	    json_object_set_new(o, "disk_size", json_integer((json_int_t)spec->disk_size)) < 0 ||
 	    json_object_set_new(o, "python_version",
 				spec->python_version ? json_string(spec->python_version) : json_null()) < 0 ||
 	    json_object_set_new(o, "steps", steps) < 0)
@@ -454,11 +513,14 @@ void ib_key_step(char key[IB_SHA256_HEX], const char *parent_key, const char *st
 	ib_sha256_final_hex(h, key);
 }
 
-void ib_key_image(char id[IB_SHA256_HEX], const char *top_key)
+void ib_key_image(char id[IB_SHA256_HEX], const char *top_key, uint64_t disk_size)
 {
 	ib_sha256 *h = ib_sha256_new();
+	char size[24];
 
+	snprintf(size, sizeof(size), "%llu", (unsigned long long)disk_size);
 	ib_sha256_field(h, KEY_IMAGE_TAG);
 	ib_sha256_field(h, top_key);
+	ib_sha256_field(h, size);
 	ib_sha256_final_hex(h, id);
 }

@@ -3,6 +3,7 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "lib/field.h"
 #include "lib/hash.h"
@@ -23,6 +24,7 @@ typedef struct ib_step {
 typedef struct ib_spec {
 	char *base;           /* canonical base name, aliases resolved: "debian_amd64" */
 	char *python_version; /* "X.Y.Z", or NULL when not pinned */
+	uint64_t disk_size;   /* bytes of the exported file system (IB_DISK_SIZE_DEFAULT when not given) */
 	size_t nsteps;
 	ib_step *steps;
 } ib_spec;
@@ -52,8 +54,9 @@ void ib_spec_free(ib_spec *spec);
 char *ib_step_canonical(const ib_step *step);
 
 /*
- * {"base":"debian_amd64","python_version":"3.12.1" or null,"steps":[...]},
- * base resolved; the caller's to free().
+ * {"base":"debian_amd64","disk_size":4294967296,"python_version":"3.12.1" or
+ * null,"steps":[...]}, base resolved, disk_size in bytes (also when the
+ * spec left it to the default); the caller's to free().
  */
 char *ib_spec_canonical(const ib_spec *spec);
 
@@ -66,14 +69,17 @@ char *ib_spec_canonical(const ib_spec *spec);
  *
  *   base key  = SHA-256("imagebuilder/layer/v1" \0 "base" \0 base_definition_canonical \0)
  *   step key  = SHA-256("imagebuilder/layer/v1" \0 "step" \0 parent_key_hex \0 step_canonical \0)
- *   image id  = SHA-256("imagebuilder/image/v1" \0 top_key_hex \0)
+ *   image id  = SHA-256("imagebuilder/image/v2" \0 top_key_hex \0 disk_size_decimal \0)
  *
  * Keys are 64 lowercase hex digits.  The tags keep a layer key from ever
- * equalling an image id or a key of another kind.
+ * equalling an image id or a key of another kind.  The image id covers
+ * disk_size (bytes, as a decimal number) and the layer keys do not:
+ * another size re-exports the same layers.  (v1 ids, before disk_size, were
+ * SHA-256("imagebuilder/image/v1" \0 top_key_hex \0).)
  */
 void ib_key_base(char key[IB_SHA256_HEX], const char *base_definition_canonical);
 void ib_key_step(char key[IB_SHA256_HEX], const char *parent_key, const char *step_canonical);
-void ib_key_image(char id[IB_SHA256_HEX], const char *top_key);
+void ib_key_image(char id[IB_SHA256_HEX], const char *top_key, uint64_t disk_size);
 
 /* Resolve a base name or alias to its canonical name; NULL when unknown. */
 const char *ib_spec_base_name(const char *name);

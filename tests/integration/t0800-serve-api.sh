@@ -77,7 +77,7 @@ ok "errors: bad JSON, bad fields, bad specs (message names the field) 400 invali
 
 # -- a build, followed --
 cat > "$T/spec.json" <<JSON
-{"base": "debian_amd64", "steps": [
+{"base": "debian_amd64", "disk_size": "256M", "steps": [
   {"env": {"SERVE_TEST": "$NONCE"}},
   {"run_commands": ["echo serve-api-$NONCE > /serve.txt", "echo to-the-log-$NONCE"]}
 ]}
@@ -133,7 +133,12 @@ bytes=$(out 'd["ext4_bytes"]')
 [ "$(out 'd["python_version"]')" = None ] || fail "GetImage python_version"
 rootfs=$(out 'd["rootfs_url"]')
 [ "$rootfs" = "$URL/v1/images/$IID/rootfs.ext4" ] || fail "rootfs_url '$rootfs'"
-ok "GetImage: arch, env, python_version, ext4_sha256, ext4_bytes, rootfs_url"
+[ "$(out 'd["disk_size"]')" = 268435456 ] && [ "$bytes" = 268435456 ] ||
+	fail "GetImage disk_size $(out 'd["disk_size"]'), ext4_bytes $bytes"
+[ "$(out 'd["rootfs_zst_url"]')" = "$rootfs.zst" ] || fail "rootfs_zst_url '$(out 'd["rootfs_zst_url"]')'"
+[ "$(out 'd["rootfs_bmap_url"]')" = "$rootfs.bmap" ] ||
+	fail "rootfs_bmap_url '$(out 'd["rootfs_bmap_url"]')'"
+ok "GetImage: arch, env, python_version, disk_size, ext4_sha256, ext4_bytes, rootfs_url, rootfs_zst_url, rootfs_bmap_url"
 
 curl -s -I -H "Authorization: Bearer $TOKEN" "$rootfs" | tr -d '\r' > "$T/head.hdr"
 grep -q "^HTTP/1.1 200" "$T/head.hdr" || fail "HEAD: $(head -1 "$T/head.hdr")"
@@ -163,6 +168,33 @@ curl -s -o "$T/full.ext4" -H "Authorization: Bearer $TOKEN" "$rootfs"
 [ "$(sha256sum < "$T/full.ext4" | cut -d' ' -f1)" = "$sha" ] || fail "the full download does not hash to ext4_sha256"
 [ "$(img_cat "$T/full.ext4" /serve.txt)" = "serve-api-$NONCE" ] || fail "the image lacks /serve.txt"
 ok "rootfs.ext4: HEAD (Content-Length, ETag), 3 Ranges hash to ext4_sha256, 416, suffix range, 304, full GET"
+
+# -- the compact forms: made on first use, then served like the image --
+curl -s -I -H "Authorization: Bearer $TOKEN" "$rootfs.zst" | tr -d '\r' > "$T/zhead.hdr"
+grep -q "^HTTP/1.1 200" "$T/zhead.hdr" || fail "HEAD .zst: $(head -1 "$T/zhead.hdr")"
+grep -qi "^Content-Type: application/zstd$" "$T/zhead.hdr" || fail ".zst Content-Type: $(cat "$T/zhead.hdr")"
+zetag=$(sed -n 's/^[Ee][Tt][Aa][Gg]: //p' "$T/zhead.hdr")
+zlen=$(sed -n 's/^[Cc]ontent-[Ll]ength: //p' "$T/zhead.hdr")
+curl -s -o "$T/full.zst" -H "Authorization: Bearer $TOKEN" "$rootfs.zst"
+[ "$(stat -c %s "$T/full.zst")" = "$zlen" ] || fail ".zst is $(stat -c %s "$T/full.zst") bytes, HEAD said $zlen"
+[ "$zetag" = "\"sha256:$(sha256sum < "$T/full.zst" | cut -d' ' -f1)\"" ] || fail ".zst ETag $zetag is not its sha256"
+zstd -q -d -c "$T/full.zst" | cmp -s - "$T/full.ext4" || fail "the .zst does not decompress to the image"
+[ "$zlen" -lt $((bytes / 2)) ] || fail "the .zst is $zlen bytes of a $bytes-byte image"
+st=$(curl -s -o "$T/zpart" -w '%{http_code}' -H "Authorization: Bearer $TOKEN" -H "Range: bytes=100-" "$rootfs.zst")
+[ "$st" = 206 ] && tail -c +101 "$T/full.zst" | cmp -s - "$T/zpart" || fail ".zst Range: HTTP $st"
+st=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" -H "If-None-Match: $zetag" "$rootfs.zst")
+[ "$st" = 304 ] || fail ".zst If-None-Match: HTTP $st"
+curl -s -o "$T/full.bmap" -H "Authorization: Bearer $TOKEN" "$rootfs.bmap"
+bmaptool -q copy --bmap "$T/full.bmap" "$T/full.ext4" "$T/bmapped.ext4" 2>"$T/bmap.log" ||
+	fail "bmaptool refused the served bmap: $(tail -3 "$T/bmap.log")"
+cmp -s "$T/bmapped.ext4" "$T/full.ext4" || fail "bmaptool's copy with the served bmap differs"
+bmaptool -q copy --bmap "$T/full.bmap" "$T/full.zst" "$T/bmapped2.ext4" 2>"$T/bmap.log" ||
+	fail "bmaptool refused the .zst with the bmap: $(tail -3 "$T/bmap.log")"
+cmp -s "$T/bmapped2.ext4" "$T/full.ext4" || fail "bmaptool's copy of the .zst differs"
+st=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "$URL/v1/images/$IID/rootfs.tar")
+[ "$st" = 404 ] || fail "an unknown form: HTTP $st"
+ok "rootfs.ext4.zst ($zlen bytes for $bytes): HEAD, ETag = its sha256, Range, 304, decompresses to the image;" \
+	"rootfs.bmap: bmaptool copies the image and the .zst exactly"
 
 # -- connect GET for side-effect-free calls --
 msg=$(printf '{"build_id":"%s"}' "$BID" | od -An -tx1 | tr -d ' \n' | sed 's/../%&/g')

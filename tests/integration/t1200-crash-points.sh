@@ -20,7 +20,7 @@ npoints=$(wc -l < "$T/points")
 [ "$npoints" -ge 18 ] || fail "only $npoints crash points listed"
 
 spec_for() { # NAME: a one-step spec of its own
-	printf '{"base": "debian_amd64", "steps": [{"run_commands": ["echo %s %s > /crash.txt"]}]}\n' "$1" "$nonce" \
+	printf '{"base": "debian_amd64", "disk_size": "256M", "steps": [{"run_commands": ["echo %s %s > /crash.txt"]}]}\n' "$1" "$nonce" \
 		> "$T/$1.json"
 	echo "$T/$1.json"
 }
@@ -36,8 +36,8 @@ crashed() { # NAME RC
 base_key=$(IMAGEBUILDER_CACHE_DIR="$C" "$IB" build --json "$(spec_for seed)" 2>"$T/seed.log" |
 	$PY -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["key"])') ||
 	fail "seed build failed: $(tail -3 "$T/seed.log")"
-flock -s "$C/locks/$base_key.lock" sleep 100000 &
-CLEANUP="$CLEANUP $!"
+exec 4<"$C/locks/$base_key.lock"
+flock -s 4 || fail "cannot hold the base layer"
 
 # sound NAME SPEC: the image is sound after the re-run (the next point's
 # first verify checks the whole cache again).
@@ -60,6 +60,13 @@ after_crash() {
 	"$IB" cache verify --cache-dir "$C" >"$T/v0.log" 2>&1 || fail "$1: cache verify after gc: $(cat "$T/v0.log")"
 	if grep -q orphan "$T/v0.log"; then fail "$1: gc left orphans: $(grep orphan "$T/v0.log")"; fi
 	cache_sound "$C"
+}
+
+# zst_again NAME ID: export --zstd works again and gives the image's bytes ($T/img.ext4)
+zst_again() {
+	"$IB" export --cache-dir "$C" "$2" --zstd "$T/a.zst" 2>"$T/exp.log" ||
+		fail "$1: export --zstd again failed: $(cat "$T/exp.log")"
+	zstd -q -d -c "$T/a.zst" | cmp -s - "$T/img.ext4" || fail "$1: the .zst does not give the image's bytes"
 }
 
 python_ready=""
@@ -85,6 +92,25 @@ while read -r name action _state <&3; do
 		"$IB" export --cache-dir "$C" "$id" --from-layers -o "$T/fl.ext4" ||
 			fail "$name: export --from-layers after the crash failed"
 		build_ok "$spec" --force >/dev/null
+		sound "$name" "$spec"
+		;;
+	artifact)
+		id=$(build_ok "$spec" -o "$T/img.ext4")
+		IMAGEBUILDER_CRASH_AT=$name "$IB" export --cache-dir "$C" "$id" --zstd "$T/a.zst" 2>"$T/crash.log"
+		crashed "$name" $?
+		after_crash "$name"
+		zst_again "$name" "$id"
+		sound "$name" "$spec"
+		;;
+	repair-artifact)
+		id=$(build_ok "$spec" -o "$T/img.ext4")
+		"$IB" export --cache-dir "$C" "$id" --zstd "$T/a.zst" 2>"$T/exp.log" || fail "$name: export --zstd failed"
+		z=$(ls "$C/images/$id"*.ext4.zst)
+		printf x >> "$z"
+		IMAGEBUILDER_CRASH_AT=$name "$IB" cache verify --repair --cache-dir "$C" >/dev/null 2>"$T/crash.log"
+		crashed "$name" $?
+		after_crash "$name"
+		zst_again "$name" "$id"
 		sound "$name" "$spec"
 		;;
 	gc-layer)
@@ -116,7 +142,7 @@ while read -r name action _state <&3; do
 		py_n=$((py_n + 1))
 		v="3.11.$py_n"
 		python_archive "$v" "$name-$nonce"
-		printf '{"base": "debian_amd64", "python_version": "%s", "steps": [{"run_commands": ["echo %s %s"]}]}\n' \
+		printf '{"base": "debian_amd64", "disk_size": "512M", "python_version": "%s", "steps": [{"run_commands": ["echo %s %s"]}]}\n' \
 			"$v" "$name" "$nonce" > "$spec"
 		IMAGEBUILDER_CRASH_AT=$name "$IB" build --cache-dir "$C" "$spec" >/dev/null 2>"$T/crash.log"
 		crashed "$name" $?

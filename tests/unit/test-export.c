@@ -40,6 +40,7 @@
 #include "lib/error.h"
 #include "layer/writer.h"
 #include "layer/layerfs.h"
+#include "layer/overlay.h"
 #include "lib/util.h"
 #include "tests/unit/test.h"
 
@@ -54,7 +55,7 @@
 
 static char *root;		/* the temporary directory */
 static char *layer[3];
-static const ib_export_opts opts = { IMAGE_ID, EPOCH };
+static const ib_export_opts opts = { IMAGE_ID, EPOCH, 0 };
 
 /* ---- fixture helpers --------------------------------------------------- */
 
@@ -478,6 +479,58 @@ TEST(layerfs_merge)
 	free(s);
 }
 
+/* Path lookups on a stack follow the same rules as the walk (layer/overlay.c). */
+TEST(overlay_lookup_and_list)
+{
+	ib_overlay_entry e = IB_OVERLAY_ENTRY_INIT;
+	const char *const *l;
+	ib_strv names = IB_STRV_INIT;
+	char *data = NULL, *target = NULL;
+
+	fixture();
+	l = layers();
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "hidden.txt"), 0);	/* a whiteout above it */
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "opq/old1"), 0);	/* an opaque dir above it */
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "repl/inner"), 0);	/* a file in place of its dir */
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "merged/a"), 0);	/* a whiteout in the top layer */
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "nowhere/x"), 0);
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "opq/new"), 1);
+	ASSERT_INT_EQ(e.layer, 1);
+	ib_overlay_entry_clear(&e);
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "merged/d"), 1);
+	ASSERT_INT_EQ(e.layer, 2);
+	ib_overlay_entry_clear(&e);
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "merged"), 1);	/* a directory: its topmost occurrence */
+	ASSERT_INT_EQ(e.layer, 2);
+	ASSERT_TRUE(S_ISDIR(e.st.st_mode));
+	ib_overlay_entry_clear(&e);
+	ASSERT_INT_EQ(ib_overlay_lookup(&e, l, 3, "sl/x"), 0);		/* no link is followed */
+	ASSERT_INT_EQ(ib_overlay_read_file(&data, NULL, l, 3, "etc/hostname", 100, "LIMIT"), 1);
+	ASSERT_STR_EQ(data, "layer1\n");
+	free(data);
+	ASSERT_TRUE(ib_overlay_read_file(&data, NULL, l, 3, "etc/hostname", 3, "LIMIT") < 0);
+	ASSERT_STR_CONTAINS(ib_error_last(), "LIMIT");
+	ASSERT_INT_EQ(ib_overlay_read_file(&data, NULL, l, 3, "hidden.txt", 100, "LIMIT"), 0);
+	ASSERT_INT_EQ(ib_overlay_readlink(&target, l, 3, "sl"), 1);
+	ASSERT_STR_EQ(target, "etc/hostname");
+	free(target);
+	ASSERT_INT_EQ(ib_overlay_list(&names, l, 3, "merged"), 1);
+	ASSERT_INT_EQ(names.n, 3);
+	ASSERT_STR_EQ(names.v[0], "b");
+	ASSERT_STR_EQ(names.v[1], "c");
+	ASSERT_STR_EQ(names.v[2], "d");
+	ib_strv_free(&names);
+	ASSERT_INT_EQ(ib_overlay_list(&names, l, 3, "opq"), 1);
+	ASSERT_INT_EQ(names.n, 1);
+	ASSERT_STR_EQ(names.v[0], "new");
+	ib_strv_free(&names);
+	ASSERT_INT_EQ(ib_overlay_list(&names, l, 3, ""), 1);
+	for (size_t i = 0; i < names.n; i++)
+		ASSERT_TRUE(strcmp(names.v[i], "hidden.txt") != 0);
+	ib_strv_free(&names);
+	ASSERT_INT_EQ(ib_overlay_list(&names, l, 3, "repl"), 0);	/* a file now */
+}
+
 static int fail_enter(void *ctx, ib_layerfs_entry *e)
 {
 	(void)ctx;
@@ -580,6 +633,60 @@ TEST(ext4_export_sparse_and_sized)
 	ASSERT_TRUE(free_blocks >= 16384);
 	ASSERT_TRUE(block_count * 4096 == (uint64_t)st.st_size);
 	ASSERT_TRUE(block_count < 32768);
+}
+
+/*
+ * A sized image (disk_size): exactly that many bytes, one inode per 16 KiB,
+ * fsck clean, and still sparse: nothing of the unused groups (inode tables,
+ * bitmaps) is written.  The same bytes twice; content that does not fit is
+ * refused naming disk_size and the size that would fit.
+ */
+TEST(ext4_export_sized)
+{
+	char *a = image_path("sized-a.ext4"), *b = image_path("sized-b.ext4");
+	ib_export_opts o = opts;
+	uint64_t bytes = 0, inodes = 0, small_alloc = 0;
+	struct stat st;
+	char *out;
+	const char *p;
+	int rc;
+
+	export_once(ib_failed_);
+	ASSERT_TRUE(!*ib_failed_);
+	ASSERT_INT_EQ(stat(ext4_image, &st), 0);
+	small_alloc = (uint64_t)st.st_blocks * 512;
+	o.size = 4ULL << 30;
+	ASSERT_INT_EQ(ib_ext4_write(a, layers(), 3, &o, &bytes), 0);
+	ASSERT_TRUE(bytes == 4ULL << 30);
+	ASSERT_INT_EQ(stat(a, &st), 0);
+	ASSERT_TRUE((uint64_t)st.st_size == 4ULL << 30);
+	/* the same content in a 4 GiB file system costs little more than in a small one */
+	ASSERT_TRUE((uint64_t)st.st_blocks * 512 < small_alloc + (2u << 20));
+	out = run(&rc, "e2fsck -fn %s 2>&1", a);
+	if (rc)
+		fprintf(stderr, "%s", out);
+	free(out);
+	ASSERT_INT_EQ(rc, 0);
+	out = run(&rc, "dumpe2fs -h %s 2>/dev/null", a);
+	if ((p = strstr(out, "Inode count:")))
+		inodes = strtoull(p + strlen("Inode count:"), NULL, 10);
+	free(out);
+	ASSERT_TRUE(inodes >= (4ULL << 30) / 16384);
+	ASSERT_INT_EQ(ib_ext4_write(b, layers(), 3, &o, NULL), 0);
+	out = run(&rc, "cmp %s %s", a, b);
+	free(out);
+	ASSERT_INT_EQ(rc, 0);
+	unlink(b);
+
+	/* too small: refused, naming disk_size and what would fit; nothing left behind */
+	o.size = 1ULL << 20;
+	ASSERT_INT_EQ(ib_ext4_write(b, layers(), 3, &o, NULL), IB_EINVALID);
+	ASSERT_STR_CONTAINS(ib_error_last(), "disk_size is 1048576 bytes");
+	ASSERT_STR_CONTAINS(ib_error_last(), "the smallest disk_size that fits is");
+	ASSERT_TRUE(access(b, F_OK) != 0);
+	unlink(a);
+	free(a);
+	free(b);
 }
 
 TEST(ext4_export_contents)
@@ -839,7 +946,7 @@ TEST(ext4_export_deterministic)
 {
 	char *again = image_path("again.ext4");
 	ib_export_opts other = { "1123456789abcdef0123456789abcdeffedcba9876543210fedcba9876543210",
-				 EPOCH };
+				 EPOCH, 0 };
 	bool same, differs;
 
 	export_once(ib_failed_);
@@ -860,7 +967,7 @@ TEST(ext4_export_epoch_zero)
 {
 	char *a = image_path("zero-a.ext4"), *b = image_path("zero-b.ext4"), *out;
 	const char *top[1] = { layer[2] };
-	ib_export_opts zero = { IMAGE_ID, 0 };
+	ib_export_opts zero = { IMAGE_ID, 0, 0 };
 	bool same;
 	int st;
 
@@ -885,7 +992,7 @@ TEST(ext4_export_epoch_zero)
 TEST(ext4_export_rejects_bad_options)
 {
 	char *img = image_path("bad.ext4");
-	ib_export_opts bad = { "not-hex", EPOCH };
+	ib_export_opts bad = { "not-hex", EPOCH, 0 };
 	struct stat st;
 
 	ASSERT_INT_EQ(ib_ext4_write(img, layers(), 3, &bad, NULL), IB_EINVALID);

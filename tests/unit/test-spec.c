@@ -299,6 +299,50 @@ TEST(python_version_rules)
 
 /* ---- steps ---- */
 
+TEST(disk_size_rules)
+{
+	static const char *const same[] = {
+		"{\"base\":\"debian_amd64\"}",
+		"{\"base\":\"debian_amd64\",\"disk_size\":4294967296}",
+		"{\"base\":\"debian_amd64\",\"disk_size\":\"4G\"}",
+		"{\"base\":\"debian_amd64\",\"disk_size\":\"4096m\"}",
+		"{\"base\":\"debian_amd64\",\"disk_size\":\"4194304K\"}",
+		"{\"base\":\"debian_amd64\",\"disk_size\":\"4294967296\"}",
+		"{\"base\":\"debian_amd64\",\"disk_size\":null}",
+	};
+	char *first = NULL;
+
+	for (size_t i = 0; i < sizeof(same) / sizeof(same[0]); i++) {
+		ib_spec *spec = NULL;
+		char *c;
+		ASSERT_INT_EQ(parse(&spec, same[i]), 0);
+		ASSERT_TRUE(spec->disk_size == 4ULL << 30);
+		c = ib_spec_canonical(spec);
+		if (!first)
+			first = c;
+		else {
+			ASSERT_STR_EQ(c, first);
+			free(c);
+		}
+		ib_spec_free(spec);
+	}
+	free(first);
+	ASSERT_ACCEPTS("{\"base\":\"debian_amd64\",\"disk_size\":\"1T\"}");
+	ASSERT_ACCEPTS("{\"base\":\"debian_amd64\",\"disk_size\":\"64M\"}");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":0}", "disk_size", "not a size");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":-4096}", "disk_size", "not a size");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":\"4X\"}", "disk_size", "not a size");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":\"4.5G\"}", "disk_size", "not a size");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":\"G\"}", "disk_size", "not a size");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":\" 4G\"}", "disk_size", "not a size");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":4.5}", "disk_size", "got a number");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":[1]}", "disk_size", "got an array");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":1073741825}", "disk_size", "multiple of 4096");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":\"32M\"}", "disk_size", "from 64 MiB");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":\"2T\"}", "disk_size", "larger than 1024 GiB");
+	ASSERT_REJECTS("{\"base\":\"debian_amd64\",\"disk_size\":\"99999999999999999999\"}", "disk_size", "larger");
+}
+
 TEST(rejects_bad_steps_value)
 {
 	ASSERT_REJECTS("{" BASE ",\"steps\":{}}", "steps", "expected an array, got an object");
@@ -657,7 +701,7 @@ TEST(canonical_example)
 
 	ASSERT_INT_EQ(parse(&spec, EXAMPLE), 0);
 	c = ib_spec_canonical(spec);
-	ASSERT_STR_EQ(c, "{\"base\":\"debian_amd64\",\"python_version\":\"3.12.1\",\"steps\":["
+	ASSERT_STR_EQ(c, "{\"base\":\"debian_amd64\",\"disk_size\":4294967296,\"python_version\":\"3.12.1\",\"steps\":["
 			 "{\"apt_install\":[\"git\",\"curl\"]},"
 			 "{\"pip_install\":[\"requests==2.32.3\"]},"
 			 "{\"run_commands\":[\"echo hi > /hello.txt\",\"useradd -m app\"]},"
@@ -687,7 +731,7 @@ TEST(canonical_ignores_order_space_escapes_and_aliases)
 	ca = ib_spec_canonical(sa);
 	cb = ib_spec_canonical(sb);
 	ASSERT_STR_EQ(ca, cb);
-	ASSERT_STR_EQ(ca, "{\"base\":\"debian_amd64\",\"python_version\":null,\"steps\":["
+	ASSERT_STR_EQ(ca, "{\"base\":\"debian_amd64\",\"disk_size\":4294967296,\"python_version\":null,\"steps\":["
 			  "{\"env\":{\"A\":\"1\",\"B\":\"\\u00E9/\"}},"
 			  "{\"run_commands\":[\"echo \\\"x\\\"\"]}]}");
 	free(ca);
@@ -729,8 +773,8 @@ TEST(changing_a_step_changes_it_and_later_keys_only)
 	ASSERT_STR_EQ(ka[1], kb[1]);
 	ASSERT_TRUE(strcmp(ka[2], kb[2]) != 0);
 	ASSERT_TRUE(strcmp(ka[3], kb[3]) != 0);
-	ib_key_image(ia, ka[3]);
-	ib_key_image(ib, kb[3]);
+	ib_key_image(ia, ka[3], IB_DISK_SIZE_DEFAULT);
+	ib_key_image(ib, kb[3], IB_DISK_SIZE_DEFAULT);
 	ASSERT_TRUE(strcmp(ia, ib) != 0);
 	/* Appending a step keeps every earlier key. */
 	for (int i = 0; i < 4; i++)
@@ -758,7 +802,7 @@ TEST(key_domains_are_separate)
 	memset(zero, '0', 64);
 	zero[64] = '\0';
 	ib_key_base(a, zero);
-	ib_key_image(b, zero);
+	ib_key_image(b, zero, IB_DISK_SIZE_DEFAULT);
 	ib_key_step(c, zero, "");
 	ASSERT_TRUE(ib_is_hex64(a));
 	ASSERT_TRUE(ib_is_hex64(b));
@@ -781,7 +825,7 @@ TEST(key_domains_are_separate)
  *   H = lambda *f: sha256(b"".join(x.encode() + b"\0" for x in f)).hexdigest()
  *   k0 = H("imagebuilder/layer/v1", "base", BASE_DEF)
  *   k[i+1] = H("imagebuilder/layer/v1", "step", k[i], canonical(step i))
- *   id = H("imagebuilder/image/v1", k4)
+ *   id = H("imagebuilder/image/v2", k4, "4294967296")   (disk_size, the default)
  *
  * with canonical() = json.dumps(..., separators=(",", ":"), sort_keys=True),
  * which agrees with jansson's form for this ASCII-only spec.
@@ -802,8 +846,11 @@ TEST(golden_ids)
 	ASSERT_INT_EQ(chain(keys, 5, spec), 5);
 	for (int i = 0; i < 5; i++)
 		ASSERT_STR_EQ(keys[i], want[i]);
-	ib_key_image(id, keys[4]);
-	ASSERT_STR_EQ(id, "c492f8130154c3b1fca5c9c68ccf88d51d103b769c29a4e17490a23ff9bf8d91");
+	ib_key_image(id, keys[4], IB_DISK_SIZE_DEFAULT);
+	ASSERT_STR_EQ(id, "dcfa2d53e12ff044b669d96493aef7727130468ae804e4fd28e4ddcda5bb5476");
+	/* disk_size is part of the id, never of a layer key */
+	ib_key_image(id, keys[4], 1ULL << 30);
+	ASSERT_STR_EQ(id, "772e5125751139ae77634515c7341d27e104e1ddc53050fd65861b0940b225d5");
 	ib_spec_free(spec);
 }
 
@@ -813,8 +860,9 @@ TEST(golden_ids)
  * from an independent implementation (Python, as above, with
  * canonical(base) + "\nsource_date_epoch=1686355200" as the base's form and
  * {"python": {"packages": ["cloudpickle"], "release", "sha256", "version"}}
- * as the python layer's); the second spec is t0750's, whose id is also the
- * one a real build of it printed before the code moved into spec/.
+ * as the python layer's); the second spec is t0750's, whose v1 id
+ * (f429f3cb...) is the one a real build of it printed before the code moved
+ * into spec/, and whose v2 id covers the default disk_size.
  */
 static ib_plan *real_plan(const char *json, ib_spec **spec, ib_basedef **def, ib_python_pin *pin)
 {
@@ -860,7 +908,7 @@ TEST(golden_ids_of_the_real_plan)
 		ASSERT_STR_EQ(plan->layers[i].key, want[i]);
 		ASSERT_STR_EQ(plan->layers[i].kind, kinds[i]);
 	}
-	ASSERT_STR_EQ(plan->image_id, "09f8096e2ab1d239a6e087ad5d417e0ad5daec214854b8534597ff3cb9c839cf");
+	ASSERT_STR_EQ(plan->image_id, "7463b0c9d8cb091b5386b733e706b9716dbdfe4b913b281ea06710cbc07b1e86");
 	ASSERT_STR_EQ(plan->arch, "amd64");
 	ASSERT_STR_EQ(plan->machine, "x86_64");
 	ASSERT_STR_CONTAINS(plan->python->url, "/cpython-3.12.1+");
@@ -885,7 +933,7 @@ TEST(golden_ids_of_the_real_plan)
 			 &spec, &def, &pin);
 	ASSERT_TRUE(plan != NULL);
 	ASSERT_STR_EQ(plan->layers[0].key, want[0]);
-	ASSERT_STR_EQ(plan->image_id, "f429f3cb3a6b5d47ea0678097f0f52fff9a643696a9007be5bdb7b70e941b2ca");
+	ASSERT_STR_EQ(plan->image_id, "f94e80e676975f0d1de771b5527f395048c080cbe889c177337079787032224d");
 	ib_plan_free(plan);
 	ib_spec_free(spec);
 	ib_basedef_free(def);
