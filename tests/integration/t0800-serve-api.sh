@@ -223,6 +223,16 @@ $PY -c 'import json,sys; [json.loads(l) for l in open(sys.argv[1]) if l.startswi
 	fail "a log line is not JSON"
 ok "one JSON log line per request and per build event"
 
+# -- content over disk_size: FAILED, the message names it --
+printf '{"base": "debian_amd64", "disk_size": "64M", "steps": [{"env": {"SERVE_TEST": "%s-small"}}]}' "$NONCE" \
+	> "$T/small.json"
+build_image "$T/small.json"
+wait_build "$BID" FAILED 300
+out 'd["error"]["message"]' | grep -q 'disk_size is 67108864 bytes.*smallest disk_size that fits is [0-9]* MiB' ||
+	fail "FAILED without the disk_size message: $(out 'd["error"]')"
+[ "$(rpc GetImage "{\"image_id\": \"$IID\"}")" = 404 ] || fail "an image that did not fit is in the cache"
+ok "content over disk_size over the RPC: FAILED, the message names disk_size and what fits; no image"
+
 serve_stop TERM
 [ "$SERVE_RC" = 0 ] || fail "SIGTERM: exit $SERVE_RC"
 cache_sound "$C"
