@@ -203,6 +203,7 @@ struct pending {
 	int tmplock, lockfd;
 	double seconds;
 	ib_layer_seal seal;
+	ib_walk_opts walk; /* the build's deadline and cancel flag */
 	int err;
 	char *msg;
 };
@@ -233,7 +234,7 @@ static void *seal_thread(void *arg)
 {
 	struct pending *p = arg;
 
-	if ((p->err = ib_cache_layer_seal(p->upper, &p->seal)) < 0)
+	if ((p->err = ib_cache_layer_seal(p->upper, &p->walk, &p->seal)) < 0)
 		p->msg = ib_xstrdup(ib_error_last());
 	return NULL;
 }
@@ -247,6 +248,7 @@ static void defer_commit(struct run_ctx *rc, size_t index, char **scratch, int *
 	*p = (struct pending){
 		.active = true, .index = index, .scratch = *scratch, .upper = *upper,
 		.tmplock = *tmplock, .lockfd = *lockfd, .seconds = seconds,
+		.walk = { .deadline = rc->deadline, .cancel = rc->opts->cancel, .what = "the layer" },
 	};
 	*scratch = *upper = NULL;
 	*tmplock = *lockfd = -1;
@@ -480,6 +482,8 @@ static int build_layer(struct run_ctx *rc, size_t index)
 	const ib_plan_layer *l = &plan->layers[index];
 	char *scratch = NULL, *upper = NULL;
 	int err = 0, lockfd = -1, tmplock = -1, r;
+	ib_walk_opts walk;
+	ib_layer_seal seal;
 	double t0;
 
 	bool waited = false;
@@ -538,8 +542,8 @@ static int build_layer(struct run_ctx *rc, size_t index)
 	}
 	if (err)
 		goto out;
-	ib_junk_remove(upper);
-	if ((err = ib_tree_normalise(upper, plan->epoch)) < 0)
+	walk = (ib_walk_opts){ .deadline = rc->deadline, .cancel = rc->opts->cancel, .what = "the layer" };
+	if ((err = ib_junk_remove(upper)) < 0 || (err = ib_tree_normalise(upper, plan->epoch, &walk)) < 0)
 		goto out;
 	/* the parent is indexed before its child */
 	if ((err = finish_pending(rc)) < 0)
@@ -549,8 +553,10 @@ static int build_layer(struct run_ctx *rc, size_t index)
 		defer_commit(rc, index, &scratch, &tmplock, &upper, &lockfd, ib_now() - t0);
 		goto out;
 	}
-	err = ib_cache_layer_commit(rc->cache, l->key, index ? plan->layers[index - 1].key : NULL, l->kind,
-				    l->canonical, upper, ib_now() - t0, NULL);
+	if ((err = ib_cache_layer_seal(upper, &walk, &seal)) < 0)
+		goto out;
+	err = ib_cache_layer_commit_sealed(rc->cache, l->key, index ? plan->layers[index - 1].key : NULL, l->kind,
+					   l->canonical, upper, ib_now() - t0, &seal, NULL);
 	/* Built: keep using it (shared) for the rest of the build. */
 	if (!err && (err = ib_cache_share_lock(lockfd)) == 0) {
 		rc->held[index] = lockfd;

@@ -388,7 +388,7 @@ static int make_meta_layer(const char *dir, ib_image_meta *meta, const char *con
 	/* images with a disk_size (this version's): none made before changes its bytes */
 	if (meta->disk_size && (err = neutral_identity(dir, layers, n, init_rel != NULL)) < 0)
 		goto out;
-	err = ib_tree_normalise(dir, meta->epoch ? meta->epoch : IB_DEFAULT_EPOCH);
+	err = ib_tree_normalise(dir, meta->epoch ? meta->epoch : IB_DEFAULT_EPOCH, NULL);
 out:
 	ib_buf_free(&envfile);
 	free(path);

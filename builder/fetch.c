@@ -85,7 +85,7 @@ static int attempt(const char *url, const char *tmp, char *hex, const ib_fetch_o
 	long status = 0;
 	int ret = 0;
 
-	s.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	s.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 	if (s.fd < 0)
 		return ib_error_set_errno(errno, "cannot create '%s'", tmp);
 	s.h = ib_sha256_new();

@@ -1,6 +1,7 @@
 #include "builder/junk.h"
 
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,57 +36,84 @@ static const char *const junk_files[] = {
 /*
  * Directories whose files a step may leave (apt run by hand in run_commands,
  * pip without --no-cache-dir) but no image needs: their regular files are
- * dropped from the layer (whiteouts and the directories themselves stay).
+ * dropped from the layer (whiteouts and the directories themselves stay);
+ * in pip's cache, subdirectories too.
  */
-static const char *const junk_dirs[] = {
-	"var/lib/apt/lists",
-	"var/lib/apt/lists/partial",
-	"var/cache/apt/archives",
-	"var/cache/apt/archives/partial",
-	"root/.cache/pip",
+static const struct {
+	const char *path;
+	bool subdirs;
+} junk_dirs[] = {
+	{ "var/lib/apt/lists", false },
+	{ "var/lib/apt/lists/partial", false },
+	{ "var/cache/apt/archives", false },
+	{ "var/cache/apt/archives/partial", false },
+	{ "root/.cache/pip", true },
 };
 
-static void remove_junk_dir(const char *dir)
+static int remove_junk_dir(int fd, const char *path, bool subdirs)
 {
-	DIR *d = opendir(dir);
+	int d2 = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	DIR *d = d2 >= 0 ? fdopendir(d2) : NULL;
 	struct dirent *de;
+	int err = 0;
 
-	if (!d)
-		return;
-	while ((de = readdir(d))) {
+	if (!d) {
+		if (d2 >= 0)
+			close(d2);
+		return ib_error_set_errno(errno, "cannot read '%s' in the layer", path);
+	}
+	while (!err && (de = readdir(d))) {
 		struct stat st;
-		if (de->d_name[0] == '.' && (!de->d_name[1] || (de->d_name[1] == '.' && !de->d_name[2])))
+
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || !strcmp(de->d_name, "lock"))
 			continue;
-		if (!strcmp(de->d_name, "lock"))
-			continue;
-		if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+		if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
 			continue;
 		if (S_ISREG(st.st_mode)) {
-			unlinkat(dirfd(d), de->d_name, 0);
-		} else if (S_ISDIR(st.st_mode) && strlen(dir) > 10 && !strcmp(dir + strlen(dir) - 10, ".cache/pip")) {
-			char *sub = ib_xasprintf("%s/%s", dir, de->d_name);
-			ib_rm_rf(sub);
-			free(sub);
+			if (unlinkat(fd, de->d_name, 0) < 0 && errno != ENOENT)
+				err = ib_error_set_errno(errno, "cannot remove '%s/%s' from the layer", path, de->d_name);
+		} else if (S_ISDIR(st.st_mode) && subdirs) {
+			err = ib_rm_rf_at(fd, de->d_name);
 		}
 	}
 	closedir(d);
+	return err;
 }
 
-void ib_junk_remove(const char *upper)
+/*
+ * Everything here is looked up beneath the layer's root without following
+ * a link (ib_open_beneath): a step that made one of these paths, or a
+ * directory above it, a symlink to a host directory gets nothing removed
+ * there; the path is simply not junk.
+ */
+int ib_junk_remove(const char *upper)
 {
-	for (size_t i = 0; i < sizeof(junk_dirs) / sizeof(junk_dirs[0]); i++) {
-		char *path = ib_xasprintf("%s/%s", upper, junk_dirs[i]);
-		remove_junk_dir(path);
-		free(path);
+	int root = open(upper, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC), err = 0;
+
+	if (root < 0)
+		return ib_error_set_errno(errno, "cannot open '%s'", upper);
+	for (size_t i = 0; i < sizeof(junk_dirs) / sizeof(junk_dirs[0]) && !err; i++) {
+		int fd = ib_open_beneath(root, junk_dirs[i].path, O_RDONLY | O_DIRECTORY);
+		if (fd < 0)
+			continue; /* absent, or not a plain directory of the layer */
+		err = remove_junk_dir(fd, junk_dirs[i].path, junk_dirs[i].subdirs);
+		close(fd);
 	}
-	for (size_t i = 0; i < sizeof(junk_files) / sizeof(junk_files[0]); i++) {
-		char *path = ib_xasprintf("%s/%s", upper, junk_files[i]);
+	for (size_t i = 0; i < sizeof(junk_files) / sizeof(junk_files[0]) && !err; i++) {
+		const char *slash = strrchr(junk_files[i], '/');
+		char *parent = ib_xstrndup(junk_files[i], (size_t)(slash - junk_files[i]));
+		int fd = ib_open_beneath(root, parent, O_RDONLY | O_DIRECTORY);
 		struct stat st;
 
-		if (lstat(path, &st) == 0 && (S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)))
-			unlink(path);
-		free(path);
+		if (fd >= 0 && fstatat(fd, slash + 1, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+		    (S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)) && unlinkat(fd, slash + 1, 0) < 0 && errno != ENOENT)
+			err = ib_error_set_errno(errno, "cannot remove '%s' from the layer", junk_files[i]);
+		if (fd >= 0)
+			close(fd);
+		free(parent);
 	}
+	close(root);
+	return err;
 }
 
 int ib_junk_neutralise_base(const char *upper)

@@ -8,7 +8,7 @@
  */
 
 /* Remove them from a finished upper dir (only what the layer itself wrote). */
-void ib_junk_remove(const char *upper);
+int ib_junk_remove(const char *upper);
 
 /*
  * A fresh base keeps from the machine that bootstrapped it a resolver

@@ -3,9 +3,11 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "lib/crash.h"
@@ -115,33 +117,33 @@ static bool link_ok(const char *rel, const char *target)
 	return true;
 }
 
-int ib_python_unpack(const char *archive, const char *dir)
+/*
+ * The unpacking itself, in a child whose working directory is the tree's
+ * root: every path libarchive sees is relative, so its own guards hold
+ * (SECURE_NODOTDOT, SECURE_NOABSOLUTEPATHS, and SECURE_SYMLINKS, which
+ * refuses to write through any symlink already on the disk), and each
+ * entry's directory is first opened with openat2() beneath the root
+ * without following links.  A chain of links that each look inside but
+ * lead out together is refused either way.  The message goes to msg_fd.
+ */
+static int unpack_here(const char *archive, int rootfd)
 {
 	static const char prefix[] = "python/";
 	struct archive *in = archive_read_new(), *out = archive_write_disk_new();
 	struct archive_entry *e;
-	char *root = ib_xasprintf("%s/usr/local", dir);
 	int err = 0, r;
 
 	archive_read_support_filter_all(in);
 	archive_read_support_format_tar(in);
-	/*
-	 * Destinations are absolute (under dir), so libarchive's own
-	 * NOABSOLUTEPATHS/SYMLINKS checks cannot be used; the checks above
-	 * (names inside python/, no "..", links that stay in the tree) are
-	 * what keeps every entry under dir/usr/local.
-	 */
 	archive_write_disk_set_options(out, ARCHIVE_EXTRACT_PERM | ARCHIVE_EXTRACT_TIME | ARCHIVE_EXTRACT_XATTR |
-						    ARCHIVE_EXTRACT_SECURE_NODOTDOT | ARCHIVE_EXTRACT_UNLINK);
-	if ((err = ib_mkdir_p(root, 0755)) < 0)
-		goto out;
+						    ARCHIVE_EXTRACT_SECURE_NODOTDOT | ARCHIVE_EXTRACT_SECURE_SYMLINKS |
+						    ARCHIVE_EXTRACT_SECURE_NOABSOLUTEPATHS | ARCHIVE_EXTRACT_UNLINK);
 	if (archive_read_open_filename(in, archive, 1 << 16) != ARCHIVE_OK) {
 		err = ib_error_set("cannot read '%s': %s", archive, archive_error_string(in));
 		goto out;
 	}
 	while ((r = archive_read_next_header(in, &e)) == ARCHIVE_OK) {
-		const char *name = archive_entry_pathname(e), *rel, *link;
-		char *dest;
+		const char *name = archive_entry_pathname(e), *rel, *link, *slash;
 
 		if (!strcmp(name, "python") || !strcmp(name, "python/") || !strcmp(name, "./python/"))
 			continue;
@@ -160,23 +162,33 @@ int ib_python_unpack(const char *archive, const char *dir)
 						   archive, name);
 				goto out;
 			}
-			char *hl = ib_xasprintf("%s/%s", root, link + strlen(prefix));
-			archive_entry_set_hardlink(e, hl);
-			free(hl);
+			archive_entry_set_hardlink(e, link + strlen(prefix));
 		}
 		if ((link = archive_entry_symlink(e)) && !link_ok(rel, link)) {
 			err = ib_error_set("'%s': symlink '%s' -> '%s' leaves the tree: refusing the archive", archive,
 					   name, link);
 			goto out;
 		}
-		dest = ib_xasprintf("%s/%s", root, rel);
-		archive_entry_set_pathname(e, dest);
-		free(dest);
+		/* the directory it goes in: beneath the root, reached without a link */
+		if ((slash = strrchr(rel, '/'))) {
+			char *parent = ib_xstrndup(rel, (size_t)(slash - rel));
+			int pfd = ib_open_beneath(rootfd, parent, O_PATH | O_DIRECTORY), e2 = errno;
+			free(parent);
+			if (pfd >= 0)
+				close(pfd);
+			else if (e2 != ENOENT) {
+				err = ib_error_set("'%s': entry '%s' would be written through a symlink: refusing the archive",
+						   archive, name);
+				goto out;
+			}
+		}
+		archive_entry_set_pathname(e, rel);
 		archive_entry_set_uid(e, 0);
 		archive_entry_set_gid(e, 0);
 		archive_entry_set_perm(e, archive_entry_perm(e) & 07755);
 		if (archive_write_header(out, e) != ARCHIVE_OK) {
-			err = ib_error_set("cannot unpack '%s' from '%s': %s", name, archive, archive_error_string(out));
+			err = ib_error_set("cannot unpack '%s' from '%s': %s: refusing the archive", name, archive,
+					   archive_error_string(out));
 			goto out;
 		}
 		if (archive_entry_size(e) > 0) {
@@ -207,6 +219,64 @@ out:
 		err = ib_error_set("cannot unpack '%s': %s", archive, archive_error_string(out));
 	archive_read_free(in);
 	archive_write_free(out);
+	return err;
+}
+
+int ib_python_unpack(const char *archive, const char *dir)
+{
+	char *root = ib_xasprintf("%s/usr/local", dir), msg[IB_ERROR_MAX];
+	int pipefd[2] = { -1, -1 }, rootfd = -1, err, ws = 0;
+	ssize_t n = 0;
+	pid_t pid;
+
+	msg[0] = '\0';
+	if ((err = ib_mkdir_p(root, 0755)) < 0)
+		goto out;
+	if ((rootfd = open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+		err = ib_error_set_errno(errno, "cannot open '%s'", root);
+		goto out;
+	}
+	if (pipe2(pipefd, O_CLOEXEC) < 0) {
+		err = ib_error_set_errno(errno, "cannot create a pipe");
+		goto out;
+	}
+	/* a child: the working directory is per process, and libarchive works from it */
+	if ((pid = fork()) < 0) {
+		err = ib_error_set_errno(errno, "cannot fork");
+		goto out;
+	}
+	if (pid == 0) {
+		close(pipefd[0]);
+		if (fchdir(rootfd) < 0)
+			err = ib_error_set_errno(errno, "cannot enter '%s'", root);
+		else
+			err = unpack_here(archive, rootfd);
+		if (err)
+			ib_write_all(pipefd[1], ib_error_last(), strlen(ib_error_last()));
+		_exit(err ? 1 : 0);
+	}
+	close(pipefd[1]);
+	pipefd[1] = -1;
+	for (size_t got = 0; got < sizeof(msg) - 1;) {
+		n = read(pipefd[0], msg + got, sizeof(msg) - 1 - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		got += (size_t)n;
+		msg[got] = '\0';
+	}
+	while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0)
+		err = ib_error_set("%s", msg[0] ? msg : "unpacking the python archive failed");
+out:
+	if (pipefd[0] >= 0)
+		close(pipefd[0]);
+	if (pipefd[1] >= 0)
+		close(pipefd[1]);
+	if (rootfd >= 0)
+		close(rootfd);
 	free(root);
 	return err;
 }

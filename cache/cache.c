@@ -101,6 +101,12 @@ static const char *const migrations[] = {
 	"  sha256 TEXT NOT NULL,"
 	"  bytes INTEGER NOT NULL,"
 	"  PRIMARY KEY (image_id, kind));",
+	/*
+	 * 6: which tree digest a layer's row holds (layer/tree.h): 1 for
+	 * layers indexed before 0.1.5 (contents hashed byte for byte), 2 since
+	 * (zero runs counted, holes never read).
+	 */
+	"ALTER TABLE layers ADD COLUMN digest_version INTEGER NOT NULL DEFAULT 1;",
 };
 
 int ib_cache__db_error(sqlite3 *db, const char *what)
@@ -153,6 +159,18 @@ out:
 	return err;
 }
 
+/* The cache dir: mode 0700, whatever it was made with (by an older version, or by hand). */
+static int restrict_mode(const char *dir)
+{
+	struct stat st;
+
+	if (stat(dir, &st) < 0)
+		return ib_error_set_errno(errno, "cannot stat the cache dir '%s'", dir);
+	if ((st.st_mode & 07777) != 0700 && chmod(dir, 0700) < 0)
+		return ib_error_set_errno(errno, "cannot make the cache dir '%s' private (mode 0700)", dir);
+	return 0;
+}
+
 int ib_cache_open(ib_cache **out, const char *dir)
 {
 	static const char *const subdirs[] = { "layers", "images", "tmp", "locks", "logs", "apt" };
@@ -162,23 +180,40 @@ int ib_cache_open(ib_cache **out, const char *dir)
 
 	c = ib_xcalloc(1, sizeof(*c));
 	pthread_mutex_init(&c->lock, NULL);
-	if ((err = ib_mkdir_p(dir, 0755)) < 0)
+	if ((err = ib_mkdir_p(dir, 0700)) < 0)
 		goto out;
 	if (!(c->dir = realpath(dir, NULL))) {
 		err = ib_error_set_errno(errno, "cannot resolve the cache dir '%s'", dir);
 		goto out;
 	}
 	dir = c->dir;
+	/*
+	 * Layers hold what steps made (setuid programs, devices, anything):
+	 * nobody but the cache's owner may even look inside.
+	 */
+	if ((err = restrict_mode(dir)) < 0)
+		goto out;
 	for (size_t i = 0; i < sizeof(subdirs) / sizeof(subdirs[0]); i++) {
 		free(path);
 		path = ib_xasprintf("%s/%s", dir, subdirs[i]);
-		if (mkdir(path, 0755) < 0 && errno != EEXIST) {
+		if (mkdir(path, 0700) < 0 && errno != EEXIST) {
 			err = ib_error_set_errno(errno, "cannot create '%s'", path);
 			goto out;
 		}
 	}
 	free(path);
 	path = ib_xasprintf("%s/index.db", dir);
+	/* sqlite makes its -wal and -shm files with the database's mode */
+	{
+		int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+		if (fd < 0 || fchmod(fd, 0600) < 0) {
+			err = ib_error_set_errno(errno, "cannot create cache index '%s'", path);
+			if (fd >= 0)
+				close(fd);
+			goto out;
+		}
+		close(fd);
+	}
 	if (sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
 			    NULL) != SQLITE_OK) {
 		err = ib_error_set("cannot open cache index '%s': %s", path,
@@ -511,6 +546,10 @@ int ib_cache_image_artifact(ib_cache *c, const char *id, ib_artifact kind, ib_ar
 	err = kind == IB_ARTIFACT_ZST ? ib_zstd_write(file, made, 0, &info.bytes) : ib_bmap_write(file, made, &info.bytes);
 	if (err < 0 || (err = ib_sha256_file(info.sha256, made)) < 0)
 		goto out;
+	if (chmod(made, 0600) < 0) {
+		err = ib_error_set_errno(errno, "cannot set the mode of '%s'", made);
+		goto out;
+	}
 	if (rename(made, path) < 0) {
 		err = ib_error_set_errno(errno, "cannot move '%s' into the cache", path);
 		goto out;
@@ -726,12 +765,13 @@ int ib_cache__discard_dir(ib_cache *c, const char *path)
 	return err;
 }
 
-int ib_cache_layer_seal(const char *tmpdir, ib_layer_seal *seal)
+int ib_cache_layer_seal(const char *tmpdir, const ib_walk_opts *opts, ib_layer_seal *seal)
 {
 	int fd, err;
 
 	memset(seal, 0, sizeof(*seal));
-	if ((err = ib_tree_digest(seal->digest, tmpdir, &seal->bytes, &seal->files)) < 0)
+	seal->version = IB_TREE_DIGEST_CURRENT;
+	if ((err = ib_tree_digest(seal->digest, tmpdir, seal->version, opts, &seal->bytes, &seal->files)) < 0)
 		return err;
 
 	/* The content must be on disk before a row can point at it. */
@@ -753,7 +793,7 @@ int ib_cache_layer_commit(ib_cache *c, const char *key, const char *parent, cons
 	ib_layer_seal seal;
 	int err;
 
-	if ((err = ib_cache_layer_seal(tmpdir, &seal)) < 0)
+	if ((err = ib_cache_layer_seal(tmpdir, NULL, &seal)) < 0)
 		return err;
 	return ib_cache_layer_commit_sealed(c, key, parent, kind, step, tmpdir, seconds, &seal, out_info);
 }
@@ -799,9 +839,10 @@ int ib_cache_layer_commit_sealed(ib_cache *c, const char *key, const char *paren
 
 	if (sqlite3_prepare_v2(c->db, recommit ? "UPDATE layers SET parent = ?, kind = ?, step = ?, digest = ?,"
 						 " bytes = ?, files = ?, seconds = ?, created = ?, last_used = ?,"
-						 " gen = ? WHERE key = ?"
+						 " gen = ?, digest_version = ? WHERE key = ?"
 					       : "INSERT INTO layers (parent, kind, step, digest, bytes, files, seconds,"
-						 " created, last_used, gen, key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+						 " created, last_used, gen, digest_version, key)"
+						 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
 			       -1, &st, NULL) != SQLITE_OK) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
@@ -816,7 +857,8 @@ int ib_cache_layer_commit_sealed(ib_cache *c, const char *key, const char *paren
 	sqlite3_bind_int64(st, 8, now);
 	sqlite3_bind_int64(st, 9, now);
 	sqlite3_bind_int64(st, 10, gen);
-	sqlite3_bind_text(st, 11, key, -1, SQLITE_STATIC);
+	sqlite3_bind_int(st, 11, seal->version ? seal->version : IB_TREE_DIGEST_CURRENT);
+	sqlite3_bind_text(st, 12, key, -1, SQLITE_STATIC);
 	if (sqlite3_step(st) != SQLITE_DONE) {
 		err = ib_cache__db_error(c->db, "cannot update the cache index");
 		goto out;
@@ -991,6 +1033,10 @@ int ib_cache_image_commit(ib_cache *c, const ib_image_info *info, const char *ex
 	if (again)
 		old = ib_cache__image_file(c, info->id, gen++);
 	path = ib_cache__image_file(c, info->id, gen);
+	if (chmod(ext4_tmp, 0600) < 0) {
+		err = ib_error_set_errno(errno, "cannot set the mode of '%s'", ext4_tmp);
+		goto out;
+	}
 	if (rename(ext4_tmp, path) < 0) {
 		err = ib_error_set_errno(errno, "cannot move image into '%s'", path);
 		goto out;

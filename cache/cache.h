@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "layer/meta.h"
+#include "layer/walk.h"
 #include "lib/hash.h"
 
 /*
@@ -93,10 +94,12 @@ int ib_cache_layer_commit(ib_cache *cache, const char *key, const char *parent,
  */
 typedef struct ib_layer_seal {
 	char digest[IB_SHA256_HEX];
+	int version; /* of the digest: IB_TREE_DIGEST_* */
 	uint64_t bytes, files;
 } ib_layer_seal;
 
-int ib_cache_layer_seal(const char *tmpdir, ib_layer_seal *seal);
+/* opts (may be NULL): the deadline and cancel flag the walk stops at. */
+int ib_cache_layer_seal(const char *tmpdir, const ib_walk_opts *opts, ib_layer_seal *seal);
 int ib_cache_layer_commit_sealed(ib_cache *cache, const char *key, const char *parent,
 				 const char *kind, const char *step, const char *tmpdir,
 				 double seconds, const ib_layer_seal *seal, ib_layer_info *out_info);

@@ -416,7 +416,8 @@ int ib_cache_verify(ib_cache *c, const ib_verify_opts *opts, ib_cache_report_cb 
 	char *path = NULL;
 	int err;
 
-	if ((err = query2(c, "SELECT key, digest FROM layers ORDER BY key", &keys, &digests)) < 0 ||
+	if ((err = query2(c, "SELECT key, digest_version || ' ' || digest FROM layers ORDER BY key", &keys,
+			  &digests)) < 0 ||
 	    (err = query2(c, "SELECT id, CASE WHEN data_digest != '' THEN 'data ' || data_digest"
 			     " ELSE 'file ' || ext4_sha256 END FROM images ORDER BY id", &ids, &shas)) < 0 ||
 	    (err = query2(c, "SELECT image_id, key FROM image_layers WHERE key NOT IN (SELECT key FROM layers)"
@@ -430,11 +431,12 @@ int ib_cache_verify(ib_cache *c, const ib_verify_opts *opts, ib_cache_report_cb 
 		if (access(path, F_OK) < 0) {
 			vreport(&v, keys.v[i], true, "layer directory '%s' is missing", path);
 			strs_add(&bad_layers, keys.v[i]);
-		} else if (ib_tree_digest(hex, path, NULL, NULL) < 0) {
+		} else if (ib_tree_digest(hex, path, (int)strtol(digests.v[i], NULL, 10), NULL, NULL, NULL) < 0) {
 			vreport(&v, keys.v[i], true, "%s", ib_error_last());
 			strs_add(&bad_layers, keys.v[i]);
-		} else if (strcmp(hex, digests.v[i])) {
-			vreport(&v, keys.v[i], true, "layer content changed: digest %s, expected %s", hex, digests.v[i]);
+		} else if (strcmp(hex, strchr(digests.v[i], ' ') + 1)) {
+			vreport(&v, keys.v[i], true, "layer content changed: digest %s, expected %s", hex,
+				strchr(digests.v[i], ' ') + 1);
 			strs_add(&bad_layers, keys.v[i]);
 		}
 	}

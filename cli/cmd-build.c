@@ -153,7 +153,7 @@ int cmd_build(int argc, char **argv, ib_config *cfg)
 		log_path = ib_xasprintf("%s/logs/%s-%.12s-%ld.log", ib_cache_dir(cache), stamp, ib_build_plan(b)->image_id,
 					(long)getpid());
 	}
-	opts.log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	opts.log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
 	if (opts.log_fd < 0) {
 		cli_error("cannot open log '%s': %s", log_path, strerror(errno));
 		goto out;

@@ -127,7 +127,7 @@ static void build_one(struct warm *w, struct job *j)
 	strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", &tm);
 	log_path = ib_xasprintf("%s/logs/warm-%s-%.12s-%ld.log", ib_cache_dir(w->cache), stamp,
 				ib_build_plan(j->build)->image_id, (long)getpid());
-	opts.log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	opts.log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
 	err = ib_build_run(j->build, w->cache, &opts);
 	j->seconds = ib_now() - t0;
 	ib_build_status_get(j->build, &st);

@@ -310,7 +310,7 @@ static int visit_dir(struct walk *w, ib_layerfs_entry *e, struct source *srcs,
 	int err;
 
 	if (e->depth > IB_LAYERFS_DEPTH_MAX) {
-		err = ib_error_set("'%s' in layer '%s' is nested deeper than %d directories",
+		err = ib_error_set("'%s' in layer '%s' is nested deeper than %d directories (IB_TREE_DEPTH_MAX)",
 				   e->path, layer_name(w, e->layer), IB_LAYERFS_DEPTH_MAX);
 		goto out;
 	}

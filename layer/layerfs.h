@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <sys/stat.h>
 
+#include "lib/limits.h"
+
 /*
  * The merged view of a stack of overlayfs upper directories, walked without
  * mounting anything.  layers[] is bottom first, merged by the rules of
@@ -19,7 +21,7 @@
  */
 
 /* Directory levels below the root that a walk accepts. */
-#define IB_LAYERFS_DEPTH_MAX	256
+#define IB_LAYERFS_DEPTH_MAX	IB_TREE_DEPTH_MAX
 /* Longest relative path a walk accepts, like PATH_MAX. */
 #define IB_LAYERFS_PATH_MAX	4096
 

@@ -26,6 +26,10 @@
 #define IB_DISK_SIZE_MAX	(1ULL << 40)	/* the largest disk_size: 1 TiB */
 #define IB_ENV_FILE_MAX		(1024 * 1024)	/* an image's /etc/environment, read to merge the env steps in */
 
+/* What a step leaves: every walk of a layer (sealing, digests, export) stops at these. */
+#define IB_TREE_DEPTH_MAX	256		/* directories nested in a layer */
+#define IB_TREE_ENTRIES_MAX	(4 * 1024 * 1024) /* names in one layer */
+
 /* The BuildImage service (imagebuilder serve). */
 #define IB_SERVE_BODY_MAX	(IB_SPEC_MAX_BYTES + 64 * 1024) /* one RPC request body */
 #define IB_SERVE_TOKEN_MAX	4096		/* the bearer token file */

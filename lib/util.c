@@ -6,12 +6,14 @@
 #include <fts.h>
 #include <limits.h>
 #include <linux/fs.h>
+#include <linux/openat2.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -203,12 +205,57 @@ int ib_mkdir_p(const char *path, mode_t mode)
 	return err;
 }
 
-static int rm_rf_at(int parent, const char *name, dev_t dev)
+/* Open a directory to remove: overlayfs leaves work/ dirs with mode 000. */
+static int open_doomed_dir(int parent, const char *name)
 {
-	struct stat st;
-	int fd = -1, err = 0;
-	DIR *d = NULL;
+	int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+
+	if (fd < 0 && errno == EACCES) {
+		fchmodat(parent, name, 0700, 0);
+		fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	}
+	return fd;
+}
+
+/* The first entry of the directory fd but "." and "..", or NULL (name in buf). */
+static int first_entry(int fd, char *buf, size_t size, bool *found)
+{
+	int d2 = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	DIR *d = d2 >= 0 ? fdopendir(d2) : NULL;
 	struct dirent *de;
+
+	*found = false;
+	if (!d) {
+		if (d2 >= 0)
+			close(d2);
+		return -1;
+	}
+	/* the duplicate shares fd's offset, which an earlier look moved */
+	rewinddir(d);
+	while ((de = readdir(d))) {
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		snprintf(buf, size, "%s", de->d_name);
+		*found = true;
+		break;
+	}
+	closedir(d);
+	return 0;
+}
+
+/*
+ * Iterative, with one directory open at a time whatever the depth: it
+ * goes down by name and back up by "..", which nothing else changes in a
+ * tree being removed.  Never follows a symlink, never crosses into another
+ * file system.
+ */
+int ib_rm_rf_at(int parent, const char *name)
+{
+	ib_strv names = IB_STRV_INIT;
+	struct stat st;
+	char entry[256];
+	int cur = -1, err = 0;
+	dev_t dev;
 
 	if (fstatat(parent, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
 		return errno == ENOENT ? 0 : ib_error_set_errno(errno, "cannot stat '%s'", name);
@@ -217,31 +264,82 @@ static int rm_rf_at(int parent, const char *name, dev_t dev)
 			return ib_error_set_errno(errno, "cannot remove '%s'", name);
 		return 0;
 	}
-	if (st.st_dev != dev)
-		return ib_error_set("refusing to remove '%s': another file system is mounted there", name);
-	fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0 && errno == EACCES) {
-		/* overlayfs leaves work/ dirs with mode 000 */
-		fchmodat(parent, name, 0700, 0);
-		fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	}
-	if (fd < 0)
+	dev = st.st_dev;
+	if ((cur = open_doomed_dir(parent, name)) < 0)
 		return ib_error_set_errno(errno, "cannot open '%s'", name);
-	d = fdopendir(fd);
-	if (!d) {
-		close(fd);
-		return ib_error_set_errno(errno, "cannot read '%s'", name);
-	}
-	while ((de = readdir(d))) {
-		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
-			continue;
-		if ((err = rm_rf_at(dirfd(d), de->d_name, dev)) < 0)
+	for (;;) {
+		bool found;
+
+		if (first_entry(cur, entry, sizeof(entry), &found) < 0) {
+			err = ib_error_set_errno(errno, "cannot read a directory under '%s'", name);
 			break;
+		}
+		if (!found) {
+			/* empty: up, and remove it there */
+			int up;
+
+			if (!names.n) {
+				close(cur);
+				cur = -1;
+				if (unlinkat(parent, name, AT_REMOVEDIR) < 0 && errno != ENOENT)
+					err = ib_error_set_errno(errno, "cannot remove '%s'", name);
+				break;
+			}
+			up = openat(cur, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+			close(cur);
+			cur = up;
+			if (cur < 0) {
+				err = ib_error_set_errno(errno, "cannot go back up under '%s'", name);
+				break;
+			}
+			if (unlinkat(cur, names.v[names.n - 1], AT_REMOVEDIR) < 0 && errno != ENOENT) {
+				err = ib_error_set_errno(errno, "cannot remove '%s' under '%s'", names.v[names.n - 1], name);
+				break;
+			}
+			free(names.v[--names.n]);
+			names.v[names.n] = NULL;
+			continue;
+		}
+		if (fstatat(cur, entry, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+			err = ib_error_set_errno(errno, "cannot stat '%s' under '%s'", entry, name);
+			break;
+		}
+		if (!S_ISDIR(st.st_mode)) {
+			if (unlinkat(cur, entry, 0) < 0 && errno != ENOENT) {
+				err = ib_error_set_errno(errno, "cannot remove '%s' under '%s'", entry, name);
+				break;
+			}
+			continue;
+		}
+		if (st.st_dev != dev) {
+			err = ib_error_set("refusing to remove '%s': another file system is mounted there", entry);
+			break;
+		}
+		{
+			int down = open_doomed_dir(cur, entry);
+			if (down < 0) {
+				err = ib_error_set_errno(errno, "cannot open '%s' under '%s'", entry, name);
+				break;
+			}
+			close(cur);
+			cur = down;
+			ib_strv_push(&names, entry);
+		}
 	}
-	closedir(d);
-	if (!err && unlinkat(parent, name, AT_REMOVEDIR) < 0 && errno != ENOENT)
-		err = ib_error_set_errno(errno, "cannot remove '%s'", name);
+	if (cur >= 0)
+		close(cur);
+	ib_strv_free(&names);
 	return err;
+}
+
+int ib_open_beneath(int rootfd, const char *rel, int flags)
+{
+	struct open_how how = {
+		.flags = (uint64_t)(flags | O_CLOEXEC | O_NOFOLLOW),
+		.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+	};
+
+	return (int)syscall(SYS_openat2, rootfd, *rel ? rel : ".", &how, sizeof(how));
 }
 
 int ib_rm_rf(const char *path)
@@ -250,7 +348,7 @@ int ib_rm_rf(const char *path)
 
 	if (lstat(path, &st) < 0)
 		return errno == ENOENT ? 0 : ib_error_set_errno(errno, "cannot stat '%s'", path);
-	return rm_rf_at(AT_FDCWD, path, st.st_dev);
+	return ib_rm_rf_at(AT_FDCWD, path);
 }
 
 int ib_read_file(char **out, size_t *out_len, const char *path, size_t max)

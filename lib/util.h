@@ -59,6 +59,16 @@ int ib_mkdir_p(const char *path, mode_t mode);
  * symlinks.  A missing path is success.
  */
 int ib_rm_rf(const char *path);
+/* The same for name in the directory parent (an fd, or AT_FDCWD). */
+int ib_rm_rf_at(int parent, const char *name);
+
+/*
+ * openat2() of rel beneath the directory rootfd: no symlink followed (not
+ * even in the middle), no magic link, no "..", no other file system.  A
+ * host-side look into a tree a step wrote goes through this.  The fd, or
+ * -1 with errno (ELOOP or EXDEV for a path that tries to leave).
+ */
+int ib_open_beneath(int rootfd, const char *rel, int flags);
 
 /* Read a whole file (at most max bytes, else error); *out is NUL-terminated. */
 int ib_read_file(char **out, size_t *out_len, const char *path, size_t max);

@@ -7,9 +7,9 @@ set -eu
 # imagebuilder or its tests use is named here too (arch-test: mmdebstrap's
 # check of foreign architectures).
 PKGS="gcc make pkg-config libc6-dev
-libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libmicrohttpd-dev libgit2-dev libzstd-dev
+libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libmicrohttpd-dev libgit2-dev libzstd-dev libseccomp-dev
 qemu-user-static qemu-system-x86 arch-test patchelf
-mmdebstrap e2fsprogs python3 python3-pip-whl ca-certificates bc git curl strace zstd bmap-tools"
+mmdebstrap e2fsprogs python3 python3-pip-whl ca-certificates bc git curl strace zstd bmap-tools passt"
 # a cross compiler for the init of the other architecture
 case "$(uname -m)" in
 x86_64) PKGS="$PKGS gcc-aarch64-linux-gnu libc6-dev-arm64-cross" ;;

@@ -36,7 +36,7 @@ void srv_build_log(const ib_server *srv, const char *build_id, int fd, const cha
 
 	if (fd < 0) {
 		char *path = srv_log_path(srv, build_id);
-		fd = own = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+		fd = own = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
 		free(path);
 		if (fd < 0)
 			return;

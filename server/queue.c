@@ -286,7 +286,7 @@ static void run_job(ib_server *srv, job *j)
 	double seconds;
 	int err;
 
-	o.log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	o.log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
 	if (o.log_fd < 0)
 		srv_event(srv, json_pack("{s:s, s:s, s:s}", "event", "error", "build_id", j->id, "message",
 				     strerror(errno)));

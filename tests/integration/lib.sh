@@ -119,3 +119,10 @@ table.setdefault(version, {"release": release, "sha256": {}})["sha256"][machine]
 json.dump(table, open(path, "w"))
 PY
 }
+
+# script_spec SCRIPT [BASE]: a spec whose one step runs the shell script in
+# the file SCRIPT (as one run_commands line, /bin/sh -c)
+script_spec() {
+	$PY -c 'import json,sys; print(json.dumps({"base": sys.argv[2], "steps": [{"run_commands": [open(sys.argv[1]).read()]}]}))' \
+		"$1" "${2:-debian_amd64}"
+}
