@@ -11,7 +11,7 @@
 
 CC ?= cc
 BUILD ?= build
-PKGS = libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd
+PKGS = libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp
 
 WARN = -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
        -Wformat-security -Wwrite-strings -Wvla -fno-common
@@ -52,11 +52,18 @@ INIT_BINS = $(INIT_MACHINES:%=$(BUILD)/ib-init-%)
 init_cc = $(if $(filter $(1),$(HOST_MACHINE)),$(CC),$(1)-linux-gnu-gcc)
 INIT_CFLAGS = -static -Os -s -std=c11 -D_GNU_SOURCE $(WARN) -include lib/banned.h
 
-all: $(BUILD)/imagebuilder $(INIT_BINS)
+# The sandbox's PID 1, exec'd fresh in every build step: static, the host's machine.
+SANDBOX_BIN = $(BUILD)/ib-sandbox
+
+all: $(BUILD)/imagebuilder $(INIT_BINS) $(SANDBOX_BIN)
 
 $(BUILD)/ib-init-%: init/ib-init.c lib/banned.h
 	@mkdir -p $(dir $@)
 	$(call init_cc,$*) $(INIT_CFLAGS) -o $@ $<
+
+$(SANDBOX_BIN): init/ib-sandbox.c builder/sandbox-proto.h lib/banned.h
+	@mkdir -p $(dir $@)
+	$(CC) $(INIT_CFLAGS) -I. -o $@ $<
 
 $(BUILD)/obj/%.o: %.c $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)

@@ -11,65 +11,60 @@
 
 #include "lib/util.h"
 
-int ib_apt_open(ib_apt *a, const char *cache_dir, const char *arch)
+int ib_apt_open(ib_apt *a, const char *cache_dir, const char *arch, const char *scratch)
 {
-	char *partial, *old;
+	static const char *const old[] = { "archives", "cache" };
+	char *dir;
 	int err, fd;
 
 	*a = (ib_apt){ 0 };
 	a->lists = ib_xasprintf("%s/apt/%s/lists", cache_dir, arch);
-	a->cache = ib_xasprintf("%s/apt/%s/cache", cache_dir, arch);
 	a->lock = ib_xasprintf("%s/apt/%s.lock", cache_dir, arch);
+	a->private = ib_xasprintf("%s/apt", scratch);
 	if ((err = ib_mkdir_p(a->lists, 0755)) < 0)
 		return err;
-	partial = ib_xasprintf("%s/archives/partial", a->cache);
-	err = ib_mkdir_p(partial, 0755);
-	free(partial);
-	/* imagebuilder 0.1.0 kept the .deb files in apt/<arch>/archives */
-	old = ib_xasprintf("%s/apt/%s/archives", cache_dir, arch);
-	if (!err && access(old, F_OK) == 0 && (err = ib_apt_lock(a, &fd)) == 0) {
-		ib_rm_rf(old);
-		close(fd);
+	dir = ib_xasprintf("%s/upper", a->private);
+	err = ib_mkdir_p(dir, 0755);
+	free(dir);
+	dir = ib_xasprintf("%s/work", a->private);
+	if (!err)
+		err = ib_mkdir_p(dir, 0700);
+	free(dir);
+	/* 0.1.0 shared .deb files in apt/<arch>/archives, 0.1.x in apt/<arch>/cache: written by steps, gone */
+	for (size_t i = 0; !err && i < sizeof(old) / sizeof(old[0]); i++) {
+		dir = ib_xasprintf("%s/apt/%s/%s", cache_dir, arch, old[i]);
+		if (access(dir, F_OK) == 0 && (err = ib_apt_lock(a, true, &fd)) == 0) {
+			ib_rm_rf(dir);
+			close(fd);
+		}
+		free(dir);
 	}
-	free(old);
 	return err;
 }
 
 void ib_apt_close(ib_apt *a)
 {
 	free(a->lists);
-	free(a->cache);
 	free(a->lock);
+	free(a->private);
 	*a = (ib_apt){ 0 };
 }
 
-int ib_apt_lock(const ib_apt *a, int *out_fd)
+int ib_apt_lock(const ib_apt *a, bool exclusive, int *out_fd)
 {
-	int fd = open(a->lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	int fd = open(a->lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
 
 	*out_fd = fd;
 	if (fd < 0)
 		return ib_error_set_errno(errno, "cannot open '%s'", a->lock);
-	while (flock(fd, LOCK_EX) < 0 && errno == EINTR)
+	while (flock(fd, exclusive ? LOCK_EX : LOCK_SH) < 0 && errno == EINTR)
 		;
 	return 0;
 }
 
 void ib_apt_mark_fresh(ib_apt *a)
 {
-	struct stat st;
-
-	a->fresh = stat(a->lists, &st) == 0;
-	if (a->fresh)
-		a->mtime = st.st_mtim;
-}
-
-bool ib_apt_still_fresh(const ib_apt *a)
-{
-	struct stat st;
-
-	return a->fresh && stat(a->lists, &st) == 0 && st.st_mtim.tv_sec == a->mtime.tv_sec &&
-	       st.st_mtim.tv_nsec == a->mtime.tv_nsec;
+	a->fresh = true;
 }
 
 int ib_apt_harvest(ib_apt *a, const char *upper)
@@ -83,7 +78,7 @@ int ib_apt_harvest(ib_apt *a, const char *upper)
 		free(lists);
 		return 0;
 	}
-	err = ib_apt_lock(a, &lockfd);
+	err = ib_apt_lock(a, true, &lockfd);
 	while (!err && (de = readdir(d))) {
 		if (de->d_name[0] == '.' || !strcmp(de->d_name, "lock") || !strcmp(de->d_name, "partial"))
 			continue;

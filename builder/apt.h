@@ -5,40 +5,46 @@
 #include <time.h>
 
 /*
- * The apt state builds of one architecture share in the cache:
+ * The apt state builds of one architecture share in the cache, and what a
+ * build keeps of its own:
  *
- *   CACHE/apt/<arch>/lists   package lists, bound over /var/lib/apt/lists
- *   CACHE/apt/<arch>/cache   .deb files, bound over /var/cache/apt
- *   CACHE/apt/<arch>.lock    one apt at a time on them (flock, across processes)
+ *   CACHE/apt/<arch>/lists   package lists as a base bootstrap fetched them
+ *                            (checked by apt against the keyring of a base
+ *                            made from the mirror); written only by the
+ *                            builder, never by a step
+ *   CACHE/apt/<arch>.lock    the builder's writes take it exclusively, apt
+ *                            steps shared (flock, across processes)
+ *   <build scratch>/apt/     this build's own upper and work dirs: a step
+ *                            sees the shared lists through an overlay on
+ *                            them, and what its apt-get update (or a hook)
+ *                            writes stays with this build
  *
- * A build that just fetched the lists (its base bootstrap, or an
- * apt_install step) lets its next apt step skip the update, while the
- * lists dir's mtime is still the one it saw under the lock and no other
- * kind of step ran in between (which may have changed the sources).
+ * .deb files are not shared: a step downloads into its own layer, and the
+ * junk removal drops them from it.  A build that just fetched the lists
+ * (its base bootstrap, or an apt_install step into its own upper) lets its
+ * next apt step skip the update, until a step of another kind runs (which
+ * may have changed the sources).
  */
 typedef struct ib_apt {
 	char *lists;
-	char *cache;
 	char *lock;
-	bool fresh;             /* this build left the lists current */
-	struct timespec mtime;  /* the lists dir's mtime then */
+	char *private;  /* <build scratch>/apt: upper/ and work/ */
+	bool fresh;     /* this build left its view of the lists current */
 } ib_apt;
 
-/* Make the dirs of arch under cache_dir (and drop 0.1.0's apt/<arch>/archives). */
-int ib_apt_open(ib_apt *apt, const char *cache_dir, const char *arch);
+/* The shared dirs of arch under cache_dir (dropping what older versions shared), this build's in scratch. */
+int ib_apt_open(ib_apt *apt, const char *cache_dir, const char *arch, const char *scratch);
 void ib_apt_close(ib_apt *apt);
 
-/* Take the lock (waits); release with ib_cache_unlock() or close(). */
-int ib_apt_lock(const ib_apt *apt, int *out_fd);
+/* Take the lock (waits): exclusive to write the shared lists, shared to use them. */
+int ib_apt_lock(const ib_apt *apt, bool exclusive, int *out_fd);
 
-/* With the lock held: remember the lists as this build left them / are they still? */
 void ib_apt_mark_fresh(ib_apt *apt);
-bool ib_apt_still_fresh(const ib_apt *apt);
 
 /*
  * Move the package lists a bootstrap downloaded (upper/var/lib/apt/lists)
- * into the shared lists, where this build's apt steps find them current;
- * the base keeps an empty lists dir, as mmdebstrap's own cleanup leaves it.
+ * into the shared lists; the base keeps an empty lists dir, as
+ * mmdebstrap's own cleanup leaves it.
  */
 int ib_apt_harvest(ib_apt *apt, const char *upper);
 

@@ -16,9 +16,12 @@
 #include "builder/apt.h"
 #include "builder/base.h"
 #include "builder/binfmt.h"
+#include "builder/cgroup.h"
+#include "builder/disk.h"
 #include "builder/export.h"
 #include "builder/junk.h"
 #include "builder/python.h"
+#include "layer/copy.h"
 #include "layer/tree.h"
 #include "lib/limits.h"
 #include "lib/util.h"
@@ -216,7 +219,13 @@ struct run_ctx {
 	const ib_build_opts *opts;
 	struct progress *prog;
 	double deadline;
-	char *resolv;      /* private copy of the host's resolver config */
+	char *resolv;      /* the steps' resolver config */
+	ib_sandbox_cfg sandbox;
+	char *helper;      /* ib-sandbox */
+	uint16_t ports[1]; /* host loopback ports steps may reach: the pip index's */
+	ib_limits limits;  /* this build's */
+	ib_cgroup cgroup;
+	ib_disk disk;      /* where steps write (--disk); disk.mnt NULL: the scratch dir */
 	ib_apt apt;        /* the shared apt state of the build's architecture */
 	int *held;         /* per layer: its lock, held shared while the build uses it, or -1 */
 	struct pending pending;
@@ -369,17 +378,9 @@ static int run_step(struct run_ctx *rc, size_t index, const char *upper, const c
 		lowers[i] = paths[i];
 	}
 	step_env(&env, plan, index, &sp.env);
-	if (sp.flags & IB_PLAN_APT_CACHE) {
-		if ((err = ib_apt_lock(&rc->apt, &lockfd)) < 0)
-			goto out;
-		/* planned without an update, but the lists changed meanwhile: update after all */
-		if (sctx.apt_lists_fresh && !ib_apt_still_fresh(&rc->apt)) {
-			sctx.apt_lists_fresh = false;
-			ib_step_plan_free(&sp);
-			if ((err = ops->plan(&sp, arg, &sctx)) < 0)
-				goto out;
-		}
-	}
+	/* the shared lists do not change under the step (a harvest waits) */
+	if ((sp.flags & IB_PLAN_APT_CACHE) && (err = ib_apt_lock(&rc->apt, false, &lockfd)) < 0)
+		goto out;
 	ib_run_req req = {
 		.lowers = lowers,
 		.nlowers = index,
@@ -388,14 +389,26 @@ static int run_step(struct run_ctx *rc, size_t index, const char *upper, const c
 		.plan = &sp,
 		.env = (const char *const *)env.v,
 		.apt_lists = rc->apt.lists,
-		.apt_cache = rc->apt.cache,
+		.apt_private = rc->apt.private,
 		.resolv_conf = rc->resolv,
+		.sandbox = &rc->sandbox,
 		.deadline = rc->deadline,
 		.cancel = rc->opts->cancel,
 		.output = step_output,
 		.output_arg = rc->prog,
 	};
 	err = (rc->opts->runner ? rc->opts->runner : &ib_runner_namespace)->run(&req);
+	if (err == IB_ERROR && ib_cgroup_oom(&rc->cgroup)) {
+		char size[32], *msg = ib_xstrdup(ib_error_last());
+		ib_format_size(size, rc->limits.memory);
+		ib_error_set("%s: the step ran out of memory: the build's memory limit (--memory %s)", msg, size);
+		free(msg);
+	} else if (err == IB_ERROR && ib_cgroup_pids_hit(&rc->cgroup)) {
+		char *msg = ib_xstrdup(ib_error_last());
+		ib_error_set("%s: a fork failed at the build's process limit (--pids %llu)", msg,
+			     (unsigned long long)rc->limits.pids);
+		free(msg);
+	}
 	/*
 	 * A kind that runs only apt leaves the lists current (the lock is
 	 * still held); any other step that ran commands may have changed the
@@ -443,6 +456,50 @@ static int build_python(struct run_ctx *rc, size_t index, const char *upper, con
 out:
 	json_decref(pkgs);
 	free(archive);
+	return err;
+}
+
+/*
+ * A step (or the python layer): on the build's disk when there is one,
+ * its finished tree then copied to upper in the cache's scratch.
+ */
+static int build_step(struct run_ctx *rc, size_t index, const char *upper, const char *scratch,
+		      const ib_walk_opts *walk)
+{
+	const ib_plan_layer *l = &rc->plan->layers[index];
+	char *dir = NULL, *dir_upper = NULL;
+	const char *where = upper, *where_scratch = scratch;
+	int err;
+
+	if (rc->disk.mnt) {
+		if ((err = ib_disk_mkdir(&rc->disk, &dir)) < 0)
+			return err;
+		dir_upper = ib_xasprintf("%s/upper", dir);
+		where = dir_upper;
+		where_scratch = dir;
+	}
+	if (!l->step)
+		err = build_python(rc, index, where, where_scratch);
+	else if (mkdir(where, 0755) < 0)
+		err = ib_error_set_errno(errno, "cannot create '%s'", where);
+	else
+		err = run_step(rc, index, where, where_scratch, l->step->ops, l->step->arg);
+	if (err && err != IB_ETIMEOUT && err != IB_ECANCELED && ib_disk_full(&rc->disk)) {
+		char size[32], *msg = ib_xstrdup(ib_error_last());
+		ib_format_size(size, rc->limits.disk);
+		ib_error_set("%s: the step ran out of disk space: the build's disk limit (--disk %s)", msg, size);
+		free(msg);
+	}
+	if (!err && dir)
+		err = ib_tree_copy(dir_upper, upper, walk);
+	if (dir) {
+		uint64_t bytes = err ? 0 : ib_du(dir);
+		int rerr = ib_disk_release(&rc->disk, dir, bytes);
+		if (!err)
+			err = rerr;
+	}
+	free(dir);
+	free(dir_upper);
 	return err;
 }
 
@@ -530,19 +587,13 @@ static int build_layer(struct run_ctx *rc, size_t index)
 	if ((err = ib_cache_mktemp(rc->cache, &scratch, &tmplock)) < 0)
 		goto out;
 	upper = ib_xasprintf("%s/upper", scratch);
-	if (index == 0) {
+	walk = (ib_walk_opts){ .deadline = rc->deadline, .cancel = rc->opts->cancel, .what = "the layer" };
+	if (index == 0)
 		err = build_base(rc, upper);
-	} else if (!l->step) {
-		err = build_python(rc, index, upper, scratch);
-	} else {
-		if (mkdir(upper, 0755) < 0)
-			err = ib_error_set_errno(errno, "cannot create '%s'", upper);
-		else
-			err = run_step(rc, index, upper, scratch, l->step->ops, l->step->arg);
-	}
+	else
+		err = build_step(rc, index, upper, scratch, &walk);
 	if (err)
 		goto out;
-	walk = (ib_walk_opts){ .deadline = rc->deadline, .cancel = rc->opts->cancel, .what = "the layer" };
 	if ((err = ib_junk_remove(upper)) < 0 || (err = ib_tree_normalise(upper, plan->epoch, &walk)) < 0)
 		goto out;
 	/* the parent is indexed before its child */
@@ -642,25 +693,109 @@ out:
 	return err;
 }
 
-/* The build's scratch: a private copy of the host's resolver config, and the shared apt state. */
+/*
+ * The steps' resolver config: the one address pasta forwards to the host's
+ * resolver, and the host's search domains and options.
+ */
+static int write_resolv_conf(const char *path)
+{
+	char *data = NULL, *line, *save = NULL;
+	ib_buf b = IB_BUF_INIT;
+	size_t len = 0;
+	int err;
+
+	ib_buf_puts(&b, "nameserver " IB_SANDBOX_DNS "\n");
+	if (ib_read_file(&data, &len, "/etc/resolv.conf", 1 << 20) == 0) {
+		for (line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+			if (!strncmp(line, "search", 6) || !strncmp(line, "domain", 6) || !strncmp(line, "options", 7))
+				ib_buf_printf(&b, "%s\n", line);
+	} else {
+		ib_error_clear();
+	}
+	err = ib_write_file_atomic(path, b.ptr, b.len, 0644);
+	free(data);
+	ib_buf_free(&b);
+	return err;
+}
+
+/* The loopback port of the pip index, when it is on this host: steps may reach it. */
+static size_t index_ports(const char *url, uint16_t *ports)
+{
+	const char *host, *end, *colon = NULL;
+	uint64_t port = 80;
+
+	if (!url)
+		return 0;
+	if (!strncmp(url, "http://", 7)) {
+		host = url + 7;
+	} else if (!strncmp(url, "https://", 8)) {
+		host = url + 8;
+		port = 443;
+	} else {
+		return 0;
+	}
+	if (strncmp(host, "127.", 4) && strncmp(host, "localhost", 9) && strncmp(host, "[::1]", 5))
+		return 0;
+	end = host + strcspn(host, "/");
+	for (const char *c = host[0] == '[' ? strchr(host, ']') : host; c && c < end; c++)
+		if (*c == ':')
+			colon = c;
+	if (colon) {
+		char *digits = ib_xstrndup(colon + 1, (size_t)(end - colon - 1));
+		if (ib_parse_u64(&port, digits, 65535) < 0) {
+			ib_error_clear();
+			port = 0;
+		}
+		free(digits);
+	}
+	if (!port)
+		return 0;
+	ports[0] = (uint16_t)port;
+	return 1;
+}
+
+/* ib-sandbox: beside the program (build/), else installed. */
+static char *find_helper(const ib_config *cfg)
+{
+	if (cfg->program_dir) {
+		char *p = ib_xasprintf("%s/ib-sandbox", cfg->program_dir);
+		if (access(p, R_OK) == 0)
+			return p;
+		free(p);
+	}
+	return ib_xstrdup("/usr/lib/imagebuilder/ib-sandbox");
+}
+
+/* The build's scratch: the steps' resolver config, the sandbox's makings, the apt state. */
 static int prepare(struct run_ctx *rc, char **scratch, int *tmplock)
 {
-	char *data = NULL;
-	size_t len = 0;
 	int err;
 
 	if ((err = ib_cache_mktemp(rc->cache, scratch, tmplock)) < 0)
 		return err;
 	rc->resolv = ib_xasprintf("%s/resolv.conf", *scratch);
-	if (ib_read_file(&data, &len, "/etc/resolv.conf", 1 << 20) < 0) {
-		data = ib_xstrdup("");
-		len = 0;
-	}
-	err = ib_write_file_atomic(rc->resolv, data, len, 0644);
-	free(data);
-	if (err)
+	if ((err = write_resolv_conf(rc->resolv)) < 0)
 		return err;
-	return ib_apt_open(&rc->apt, ib_cache_dir(rc->cache), rc->plan->arch);
+	rc->helper = find_helper(rc->cfg);
+	{
+		static unsigned counter;
+		char name[64];
+		snprintf(name, sizeof(name), "b-%ld-%u", (long)getpid(), __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED));
+		if ((err = ib_cgroup_create(&rc->cgroup, name, &rc->limits)) < 0)
+			return err;
+	}
+	rc->sandbox = (ib_sandbox_cfg){
+		.uid = rc->cfg->idmap_uid,
+		.gid = rc->cfg->idmap_gid,
+		.helper = rc->helper,
+		.ports = rc->ports,
+		.nports = index_ports(rc->cfg->pip_index_url, rc->ports),
+		.cgroups = (const char *const *)rc->cgroup.dirs,
+	};
+	if (rc->limits.disk && (err = ib_disk_open(&rc->disk, *scratch, rc->limits.disk)) < 0)
+		return err;
+	return ib_apt_open(&rc->apt, ib_cache_dir(rc->cache), rc->plan->arch,
+			   rc->disk.mnt ? rc->disk.mnt : *scratch);
 }
 
 /* The image is in the cache, exported with this program's init: 1 and every layer marked cached. */
@@ -729,7 +864,9 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	int err = 0, tmplock = -1, r;
 	double timeout = opts->timeout > 0 ? opts->timeout : IB_STEP_TIMEOUT_DEFAULT;
 
+	rc.disk = (ib_disk)IB_DISK_INIT;
 	rc.deadline = ib_now() + timeout;
+	rc.limits = opts->limits ? *opts->limits : b->cfg->limits;
 	warn(&prog, plan);
 	rc.held = ib_xmalloc(plan->nlayers * sizeof(*rc.held));
 	for (size_t i = 0; i < plan->nlayers; i++)
@@ -785,10 +922,13 @@ out:
 		b->error = msg;
 		pthread_mutex_unlock(&b->mu);
 	}
+	ib_cgroup_destroy(&rc.cgroup);
+	ib_apt_close(&rc.apt);
+	ib_disk_close(&rc.disk);
 	ib_cache_rmtemp(scratch, tmplock);
 	free(scratch);
 	free(rc.resolv);
-	ib_apt_close(&rc.apt);
+	free(rc.helper);
 	for (size_t i = 0; i < plan->nlayers; i++)
 		ib_cache_unlock(rc.held[i]);
 	free(rc.held);

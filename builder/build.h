@@ -72,6 +72,7 @@ typedef struct ib_build_opts {
 	void *progress_arg;
 	volatile int *cancel;    /* set non-zero to cancel */
 	const ib_runner_ops *runner; /* NULL: the namespace runner */
+	const ib_limits *limits; /* NULL: the configuration's */
 } ib_build_opts;
 
 /*

@@ -18,6 +18,22 @@ typedef enum ib_bootstrap_memory {
 	IB_BOOTSTRAP_MEMORY = 1,
 } ib_bootstrap_memory;
 
+/*
+ * What one build may use (every process of its steps together; 0: no
+ * limit): --memory, --pids, --cpus and --disk of build, warm and serve.
+ * For serve they are also the most a BuildImage request may ask for.
+ */
+typedef struct ib_limits {
+	uint64_t memory;  /* bytes of memory, swap off (cgroup memory.max) */
+	uint64_t pids;    /* processes and threads (pids.max) */
+	uint64_t cpus;    /* thousandths of a CPU (cpu.max) */
+	uint64_t disk;    /* bytes a build's steps may write */
+} ib_limits;
+
+#define IB_LIMIT_MEMORY_DEFAULT	(8ULL << 30)
+#define IB_LIMIT_PIDS_DEFAULT	4096
+#define IB_LIMIT_DISK_DEFAULT	(32ULL << 30)
+
 typedef struct ib_config {
 	char *cache_dir;        /* IMAGEBUILDER_CACHE_DIR, else IB_CACHE_DIR_DEFAULT */
 	char *apt_mirror;       /* IMAGEBUILDER_APT_MIRROR; NULL: the host's apt sources */
@@ -30,7 +46,19 @@ typedef struct ib_config {
 	int64_t epoch;          /* SOURCE_DATE_EPOCH, else IB_DEFAULT_EPOCH */
 	ib_bootstrap_memory bootstrap_memory; /* IMAGEBUILDER_BOOTSTRAP_IN_MEMORY: 0, 1, else auto */
 	char *crash_at;         /* IMAGEBUILDER_CRASH_AT: a crash point to die at (tests); NULL: none */
+	/*
+	 * Root in a step's sandbox is host uid idmap_uid (gid idmap_gid),
+	 * IB_IDMAP_COUNT ids from there: IMAGEBUILDER_IDMAP=UID[:GID], else
+	 * the subordinate ids of the user "imagebuilder" (/etc/subuid,
+	 * /etc/subgid), else IB_IDMAP_DEFAULT.
+	 */
+	uint32_t idmap_uid, idmap_gid;
+	ib_limits limits;       /* IB_LIMIT_*_DEFAULT; options change them */
 } ib_config;
+
+#define IB_IDMAP_COUNT		65536u
+#define IB_IDMAP_DEFAULT	1000000000u
+#define IB_IDMAP_USER		"imagebuilder"
 
 #define IB_CONFIG_INIT { 0 }
 
@@ -41,6 +69,25 @@ typedef struct ib_config {
  */
 int ib_config_init(ib_config *cfg, const char *const *envp);
 void ib_config_clear(ib_config *cfg);
+
+/*
+ * Set one limit from an option: name is "memory", "pids", "cpus" or
+ * "disk"; value a size (memory, disk), a count (pids) or a number of CPUs
+ * with up to three decimals (cpus); "0" or "none" lifts the limit.
+ */
+int ib_limits_set(ib_limits *lim, const char *name, const char *value);
+
+/*
+ * The first limit of want ("memory", "pids", "cpus" or "disk") that allows
+ * more than max does (none allows more than any number), or NULL.
+ */
+const char *ib_limits_over(const ib_limits *want, const ib_limits *max);
+
+/* One limit as the options take it: "8 GiB", "4096", "1.500", "none". */
+void ib_limit_format(char out[32], const ib_limits *lim, const char *name);
+
+/* "memory 8 GiB, pids 4096, cpus none, disk 32 GiB" */
+void ib_limits_describe(char *out, size_t size, const ib_limits *lim);
 
 /* Replace a string setting (an option given on the command line); NULL or "" unsets it. */
 void ib_config_set(char **field, const char *value);

@@ -2,6 +2,7 @@
 #define IB_RUNNER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "lib/util.h"
 #include "steps/step.h"
@@ -13,6 +14,19 @@
  * ops later.
  */
 
+/* The address a step's resolver asks; pasta forwards it to the host's first nameserver. */
+#define IB_SANDBOX_DNS "169.254.1.1"
+
+/* What the sandbox is made of, the same for every step of a build. */
+typedef struct ib_sandbox_cfg {
+	uint32_t uid, gid;          /* host ids that root in the step maps to (IB_IDMAP_COUNT of them) */
+	const char *helper;         /* ib-sandbox, the step's PID 1 */
+	const char *pasta;          /* the user-mode network; NULL: "pasta" on PATH */
+	const uint16_t *ports;      /* host loopback TCP ports a step may reach (package indexes) */
+	size_t nports;
+	const char *const *cgroups; /* cgroup dirs the step's processes go in (NULL-terminated), or NULL */
+} ib_sandbox_cfg;
+
 typedef struct ib_run_req {
 	const char *const *lowers; /* layer directories, bottom first */
 	size_t nlowers;
@@ -20,9 +34,10 @@ typedef struct ib_run_req {
 	const char *scratch; /* private directory on upper's file system, for work dirs */
 	const ib_step_plan *plan;
 	const char *const *env;     /* KEY=VALUE, NULL-terminated */
-	const char *apt_lists;      /* host directories bound in for IB_PLAN_APT_CACHE */
-	const char *apt_cache;      /* bound over /var/cache/apt (archives, binary caches) */
-	const char *resolv_conf;    /* host file bound at /etc/resolv.conf, or NULL */
+	const char *apt_lists;      /* IB_PLAN_APT_CACHE: the shared lists, read-only ... */
+	const char *apt_private;    /* ... under this build's own upper/ (with work/) */
+	const char *resolv_conf;    /* file bound (read-only) at /etc/resolv.conf, or NULL */
+	const ib_sandbox_cfg *sandbox;
 	double deadline;            /* ib_now() value after which the step is killed; 0: none */
 	volatile int *cancel;       /* non-zero: kill the step now; may be NULL */
 	ib_output_cb output;        /* may be NULL */

@@ -15,7 +15,7 @@
 #include "lib/util.h"
 #include "cli/cli.h"
 
-static const char build_usage[] = "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S]";
+static const char build_usage[] = "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S] " CLI_LIMIT_USAGE;
 
 static volatile int cancel_flag;
 
@@ -91,6 +91,7 @@ int cmd_build(int argc, char **argv, ib_config *cfg)
 		{ "force", no_argument, NULL, 'f' },
 		{ "timeout", required_argument, NULL, 't' },
 		{ "cache-dir", required_argument, NULL, 'C' },
+		CLI_LIMIT_OPTIONS,
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *output = NULL, *spec_path;
@@ -118,7 +119,10 @@ int cmd_build(int argc, char **argv, ib_config *cfg)
 				return EXIT_USAGE;
 			}
 			break;
-		default: return cli_usage(build_usage);
+		default:
+			if (cli_limit_option(c, optarg, cfg) > 0)
+				break;
+			return c >= CLI_OPT_MEMORY && c <= CLI_OPT_DISK ? EXIT_USAGE : cli_usage(build_usage);
 		}
 	}
 	if (optind != argc - 1)

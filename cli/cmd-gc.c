@@ -8,32 +8,6 @@
 
 static const char gc_usage[] = "gc [--max-bytes N[K|M|G]] [--keep-days D] [--dry-run]";
 
-/* Bytes with an optional binary suffix: 512, 20K, 300M, 10G. */
-static int parse_size(uint64_t *out, const char *s)
-{
-	size_t len = strlen(s);
-	uint64_t mult = 1, v;
-	char num[32];
-
-	if (len && strchr("kKmMgGtT", s[len - 1])) {
-		switch (s[len - 1] | 0x20) {
-		case 'k': mult = 1ULL << 10; break;
-		case 'm': mult = 1ULL << 20; break;
-		case 'g': mult = 1ULL << 30; break;
-		case 't': mult = 1ULL << 40; break;
-		}
-		len--;
-	}
-	if (!len || len >= sizeof(num))
-		return ib_error_set("'%s' is not a size", s);
-	memcpy(num, s, len);
-	num[len] = '\0';
-	if (ib_parse_u64(&v, num, UINT64_MAX / mult) < 0)
-		return IB_ERROR;
-	*out = v * mult;
-	return 0;
-}
-
 static void report(const char *what, const char *id, uint64_t bytes, int64_t last_used, void *arg)
 {
 	const int *dry = arg;
@@ -71,7 +45,7 @@ int cmd_gc(int argc, char **argv, ib_config *cfg)
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'm':
-			if (parse_size(&opts.max_bytes, optarg) < 0) {
+			if (ib_parse_size(&opts.max_bytes, optarg, UINT64_MAX) < 0) {
 				cli_error("--max-bytes: %s", ib_error_last());
 				return EXIT_USAGE;
 			}

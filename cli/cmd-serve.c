@@ -27,7 +27,8 @@
 
 static const char serve_usage[] =
 	"serve [--listen HOST:PORT] [--token-file F] [--jobs N] [--cancel-on-shutdown]\n"
-	"                          [--http-threads N] [--http-mode epoll|poll] [--public-url URL] [--port-file F]";
+	"                          [--http-threads N] [--http-mode epoll|poll] [--public-url URL] [--port-file F]\n"
+	"                          " CLI_LIMIT_USAGE;
 
 #define DEFAULT_LISTEN "127.0.0.1:8470"
 
@@ -165,6 +166,7 @@ int cmd_serve(int argc, char **argv, ib_config *cfg)
 		{ "public-url", required_argument, NULL, 'u' },
 		{ "port-file", required_argument, NULL, 'p' },
 		{ "cache-dir", required_argument, NULL, 'C' },
+		CLI_LIMIT_OPTIONS,
 		{ NULL, 0, NULL, 0 },
 	};
 	ib_server_opts opts = { .listen = DEFAULT_LISTEN, .log_fd = STDERR_FILENO };
@@ -214,7 +216,10 @@ int cmd_serve(int argc, char **argv, ib_config *cfg)
 			break;
 		case 'p': port_file = optarg; break;
 		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
-		default: return cli_usage(serve_usage);
+		default:
+			if (cli_limit_option(c, optarg, cfg) > 0)
+				break;
+			return c >= CLI_OPT_MEMORY && c <= CLI_OPT_DISK ? EXIT_USAGE : cli_usage(serve_usage);
 		}
 	}
 	if (optind != argc)

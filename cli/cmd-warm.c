@@ -20,7 +20,7 @@
 #include "cli/cli.h"
 
 static const char warm_usage[] =
-	"warm [--check] [--jobs N] (SPEC.json ... | --git URL --ref REF [--path DIR])";
+	"warm [--check] [--jobs N] " CLI_LIMIT_USAGE " (SPEC.json ... | --git URL --ref REF [--path DIR])";
 
 #define WARM_JOBS_MAX 64
 
@@ -207,6 +207,7 @@ int cmd_warm(int argc, char **argv, ib_config *cfg)
 		{ "ref", required_argument, NULL, 'r' },
 		{ "path", required_argument, NULL, 'p' },
 		{ "cache-dir", required_argument, NULL, 'C' },
+		CLI_LIMIT_OPTIONS,
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *git = NULL, *ref = NULL, *dir = NULL;
@@ -233,7 +234,10 @@ int cmd_warm(int argc, char **argv, ib_config *cfg)
 		case 'r': ref = optarg; break;
 		case 'p': dir = optarg; break;
 		case 'C': ib_config_set(&cfg->cache_dir, optarg); break;
-		default: return cli_usage(warm_usage);
+		default:
+			if (cli_limit_option(c, optarg, cfg) > 0)
+				break;
+			return c >= CLI_OPT_MEMORY && c <= CLI_OPT_DISK ? EXIT_USAGE : cli_usage(warm_usage);
 		}
 	}
 	if (git ? (optind != argc || !ref) : (optind == argc || ref || dir))

@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "builder/disk.h"
 #include "cli/cli.h"
 #include "lib/crash.h"
 #include "lib/util.h"
@@ -18,13 +20,13 @@ static const struct cmd {
 	int (*fn)(int argc, char **argv, ib_config *cfg);
 	const char *help;
 } commands[] = {
-	{ "build", cmd_build, "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S]" },
+	{ "build", cmd_build, "build SPEC.json [-o OUT.ext4] [--json] [--force] [--timeout S] " CLI_LIMIT_USAGE },
 	{ "export", cmd_export, "export IMAGE_ID (-o OUT.ext4 [--from-layers] | --tar OUT.tar | --zstd OUT | --bmap OUT)" },
 	{ "inspect", cmd_inspect, "inspect IMAGE_ID" },
 	{ "ls", cmd_ls, "ls" },
 	{ "cache", cmd_cache, "cache verify [--repair]" },
-	{ "serve", cmd_serve, "serve --listen HOST:PORT [--token-file F] [--jobs N]" },
-	{ "warm", cmd_warm, "warm [--check] [--jobs N] (SPEC.json ... | --git URL --ref REF [--path DIR])" },
+	{ "serve", cmd_serve, "serve --listen HOST:PORT [--token-file F] [--jobs N] " CLI_LIMIT_USAGE },
+	{ "warm", cmd_warm, "warm [--check] [--jobs N] " CLI_LIMIT_USAGE " (SPEC.json ... | --git URL --ref REF [--path DIR])" },
 	{ "gc", cmd_gc, "gc [--max-bytes N[K|M|G]] [--keep-days D] [--dry-run]" },
 	{ "debug", cmd_debug, "debug crash-points" },
 };
@@ -44,6 +46,19 @@ int cli_usage(const char *usage)
 {
 	fprintf(stderr, "usage: imagebuilder %s [--cache-dir DIR]\n", usage);
 	return EXIT_USAGE;
+}
+
+int cli_limit_option(int c, const char *arg, ib_config *cfg)
+{
+	static const char *const names[] = { "memory", "pids", "cpus", "disk" };
+
+	if (c < CLI_OPT_MEMORY || c > CLI_OPT_DISK)
+		return 0;
+	if (ib_limits_set(&cfg->limits, names[c - CLI_OPT_MEMORY], arg) < 0) {
+		cli_error("--%s: %s", names[c - CLI_OPT_MEMORY], ib_error_last());
+		return -1;
+	}
+	return 1;
 }
 
 int cli_open_cache(ib_cache **out, const ib_config *cfg)
@@ -99,7 +114,8 @@ static void usage_all(FILE *f)
 		fprintf(f, "  %s\n", commands[i].help);
 	fputs("\nenvironment: IMAGEBUILDER_CACHE_DIR, IMAGEBUILDER_APT_MIRROR, IMAGEBUILDER_PIP_INDEX_URL,\n"
 	      "             IMAGEBUILDER_PYTHON_MIRROR, IMAGEBUILDER_PYTHON_VERSIONS, SOURCE_DATE_EPOCH,\n"
-	      "             IMAGEBUILDER_BOOTSTRAP_IN_MEMORY, IMAGEBUILDER_BASE_IMAGES (see the README)\n", f);
+	      "             IMAGEBUILDER_BOOTSTRAP_IN_MEMORY, IMAGEBUILDER_BASE_IMAGES, IMAGEBUILDER_IDMAP\n"
+	      "             (see the README)\n", f);
 }
 
 int main(int argc, char **argv)
@@ -121,6 +137,13 @@ int main(int argc, char **argv)
 		if (ib_config_init(&cfg, (const char *const *)environ) < 0 || ib_crash_arm(cfg.crash_at) < 0) {
 			cli_error("%s", ib_error_last());
 			return EXIT_USAGE;
+		}
+		/* builds mount their disks (--disk) where only this process sees them */
+		if ((commands[i].fn == cmd_build || commands[i].fn == cmd_warm || commands[i].fn == cmd_serve) && geteuid() == 0 &&
+		    ib_disk_private_mounts() < 0) {
+			cli_error("%s", ib_error_last());
+			ib_config_clear(&cfg);
+			return EXIT_FAIL;
 		}
 		ret = commands[i].fn(argc - 1, argv + 1, &cfg);
 		ib_config_clear(&cfg);

@@ -17,51 +17,6 @@
 #include "layer/walk.h"
 #include "lib/util.h"
 
-#define XATTR_LIST_MAX_ 65536
-
-static int cmp_names(const void *a, const void *b)
-{
-	return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static void free_names(char **names, size_t n)
-{
-	for (size_t i = 0; i < n; i++)
-		free(names[i]);
-	free(names);
-}
-
-/* Sorted xattr names of an entry (not following it); *out NULL when none. */
-static int list_xattrs(const ib_walk_entry *e, char ***out, size_t *out_n)
-{
-	char buf[XATTR_LIST_MAX_], path[64 + 256];
-	ssize_t len;
-	char **names = NULL;
-	size_t n = 0;
-
-	*out = NULL;
-	*out_n = 0;
-	ib_walk_proc_path(path, e);
-	len = llistxattr(path, buf, sizeof(buf));
-	if (len < 0) {
-		if (errno == ENOTSUP)
-			return 0;
-		return ib_error_set_errno(errno, "cannot list attributes of '%s'", e->path);
-	}
-	for (ssize_t off = 0; off < len; off += (ssize_t)strlen(buf + off) + 1)
-		n++;
-	if (!n)
-		return 0;
-	names = ib_xcalloc(n, sizeof(*names));
-	n = 0;
-	for (ssize_t off = 0; off < len; off += (ssize_t)strlen(buf + off) + 1)
-		names[n++] = ib_xstrdup(buf + off);
-	qsort(names, n, sizeof(*names), cmp_names);
-	*out = names;
-	*out_n = n;
-	return 0;
-}
-
 /* ---- normalise ---- */
 
 struct normalise_state {
@@ -78,7 +33,7 @@ static int normalise_one(void *arg, const ib_walk_entry *e)
 	int err;
 
 	ib_walk_proc_path(path, e);
-	if ((err = list_xattrs(e, &xs, &nx)) < 0)
+	if ((err = ib_walk_xattrs(e, &xs, &nx)) < 0)
 		return err;
 	for (size_t i = 0; i < nx; i++) {
 		ib_overlay_xattr_kind kind = ib_overlay_xattr(xs[i]);
@@ -90,7 +45,7 @@ static int normalise_one(void *arg, const ib_walk_entry *e)
 			break;
 		}
 	}
-	free_names(xs, nx);
+	ib_walk_free_names(xs, nx);
 	if (err)
 		return err;
 	/* overlayfs makes its whiteouts as the mounter: they belong to root, as in any layer */
@@ -266,10 +221,10 @@ static int digest_enter(void *arg, const ib_walk_entry *e)
 	ds->bytes += (uint64_t)st->st_blocks * 512;
 
 	ib_walk_proc_path(path, e);
-	if ((err = list_xattrs(e, &xs, &nx)) < 0)
+	if ((err = ib_walk_xattrs(e, &xs, &nx)) < 0)
 		return err;
 	for (size_t i = 0; i < nx && !err; i++) {
-		ssize_t vl = lgetxattr(path, xs[i], ds->xval, XATTR_LIST_MAX_);
+		ssize_t vl = lgetxattr(path, xs[i], ds->xval, IB_XATTR_LIST_MAX);
 		if (vl < 0) {
 			err = ib_error_set_errno(errno, "cannot read attribute '%s' of '%s'", xs[i], e->path);
 			break;
@@ -279,7 +234,7 @@ static int digest_enter(void *arg, const ib_walk_entry *e)
 		ib_sha256_field(ds->h, line);
 		ib_sha256_update(ds->h, ds->xval, (size_t)vl);
 	}
-	free_names(xs, nx);
+	ib_walk_free_names(xs, nx);
 	if (err)
 		return err;
 
@@ -323,7 +278,7 @@ int ib_tree_digest(char hex[IB_SHA256_HEX], const char *dir, int version, const 
 	if (version != IB_TREE_DIGEST_V1 && version != IB_TREE_DIGEST_V2)
 		return ib_error_set("unknown tree digest version %d", version);
 	ds.h = ib_sha256_new();
-	ds.xval = ib_xmalloc(XATTR_LIST_MAX_);
+	ds.xval = ib_xmalloc(IB_XATTR_LIST_MAX);
 	ib_sha256_field(ds.h, version == 1 ? "imagebuilder/tree/v1" : "imagebuilder/tree/v2");
 	err = ib_walk(dir, opts, &ops, &ds);
 	free(ds.buf);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include "lib/limits.h"
@@ -88,6 +89,44 @@ int ib_walk_check_time(const ib_walk_opts *opts)
 		ib_error_set("timed out");
 		return IB_ETIMEOUT;
 	}
+	return 0;
+}
+
+void ib_walk_free_names(char **names, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+}
+
+/* Sorted xattr names of an entry (not following it); *out NULL when none. */
+int ib_walk_xattrs(const ib_walk_entry *e, char ***out, size_t *out_n)
+{
+	char buf[IB_XATTR_LIST_MAX], path[64 + 256];
+	ssize_t len;
+	char **names = NULL;
+	size_t n = 0;
+
+	*out = NULL;
+	*out_n = 0;
+	ib_walk_proc_path(path, e);
+	len = llistxattr(path, buf, sizeof(buf));
+	if (len < 0) {
+		if (errno == ENOTSUP)
+			return 0;
+		return ib_error_set_errno(errno, "cannot list attributes of '%s'", e->path);
+	}
+	for (ssize_t off = 0; off < len; off += (ssize_t)strlen(buf + off) + 1)
+		n++;
+	if (!n)
+		return 0;
+	names = ib_xcalloc(n, sizeof(*names));
+	n = 0;
+	for (ssize_t off = 0; off < len; off += (ssize_t)strlen(buf + off) + 1)
+		names[n++] = ib_xstrdup(buf + off);
+	qsort(names, n, sizeof(*names), cmp_names);
+	*out = names;
+	*out_n = n;
 	return 0;
 }
 

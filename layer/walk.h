@@ -49,4 +49,11 @@ int ib_walk_check_time(const ib_walk_opts *opts);
  */
 void ib_walk_proc_path(char out[64 + 256], const ib_walk_entry *e);
 
+/* The longest list of xattr names, and the largest value, the walks read. */
+#define IB_XATTR_LIST_MAX 65536
+
+/* Sorted xattr names of an entry (not following it); *out NULL when none. */
+int ib_walk_xattrs(const ib_walk_entry *e, char ***out, size_t *out_n);
+void ib_walk_free_names(char **names, size_t n);
+
 #endif

@@ -418,6 +418,31 @@ int ib_fsync_dir(const char *path)
 	return err;
 }
 
+int ib_parse_size(uint64_t *out, const char *s, uint64_t max)
+{
+	size_t len = strlen(s);
+	uint64_t mult = 1, v;
+	char num[32];
+
+	if (len && strchr("kKmMgGtT", s[len - 1])) {
+		switch (s[len - 1] | 0x20) {
+		case 'k': mult = 1ULL << 10; break;
+		case 'm': mult = 1ULL << 20; break;
+		case 'g': mult = 1ULL << 30; break;
+		case 't': mult = 1ULL << 40; break;
+		}
+		len--;
+	}
+	if (!len || len >= sizeof(num))
+		return ib_error_set("'%s' is not a size (a number, optionally with K, M, G or T)", s);
+	memcpy(num, s, len);
+	num[len] = '\0';
+	if (ib_parse_u64(&v, num, max / mult) < 0)
+		return IB_ERROR;
+	*out = v * mult;
+	return 0;
+}
+
 int ib_fsync_parent(const char *path)
 {
 	char *dir = ib_xstrdup(path), *slash = strrchr(dir, '/');
@@ -551,28 +576,15 @@ bool ib_is_hex64(const char *s)
 
 #define COPY_BUF (1 << 20)
 
-int ib_copy_sparse(const char *src, const char *dst, mode_t mode)
+int ib_copy_data(int in, int out, off_t size, const char *src, const char *dst)
 {
 	char *buf = NULL;
-	int in = -1, out = -1, err = 0;
-	struct stat st;
 	off_t data, hole;
+	int err = 0;
 
-	in = open(src, O_RDONLY | O_CLOEXEC);
-	if (in < 0)
-		return ib_error_set_errno(errno, "cannot open '%s'", src);
-	if (fstat(in, &st) < 0) {
-		err = ib_error_set_errno(errno, "cannot stat '%s'", src);
-		goto out;
-	}
-	out = open(dst, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-	if (out < 0) {
-		err = ib_error_set_errno(errno, "cannot create '%s'", dst);
-		goto out;
-	}
 	if (ioctl(out, FICLONE, in) == 0)
-		goto out;
-	for (data = 0; data < st.st_size; data = hole) {
+		return 0;
+	for (data = 0; data < size; data = hole) {
 		data = lseek(in, data, SEEK_DATA);
 		if (data < 0) {
 			if (errno == ENXIO)
@@ -625,8 +637,31 @@ int ib_copy_sparse(const char *src, const char *dst, mode_t mode)
 			left -= (size_t)n;
 		}
 	}
-	if (ftruncate(out, st.st_size) < 0)
+	if (ftruncate(out, size) < 0)
 		err = ib_error_set_errno(errno, "cannot size '%s'", dst);
+out:
+	free(buf);
+	return err;
+}
+
+int ib_copy_sparse(const char *src, const char *dst, mode_t mode)
+{
+	int in = -1, out = -1, err = 0;
+	struct stat st;
+
+	in = open(src, O_RDONLY | O_CLOEXEC);
+	if (in < 0)
+		return ib_error_set_errno(errno, "cannot open '%s'", src);
+	if (fstat(in, &st) < 0) {
+		err = ib_error_set_errno(errno, "cannot stat '%s'", src);
+		goto out;
+	}
+	out = open(dst, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+	if (out < 0) {
+		err = ib_error_set_errno(errno, "cannot create '%s'", dst);
+		goto out;
+	}
+	err = ib_copy_data(in, out, st.st_size, src, dst);
 out:
 	if (out >= 0 && close(out) < 0 && !err)
 		err = ib_error_set_errno(errno, "cannot write '%s'", dst);
@@ -634,8 +669,20 @@ out:
 		unlink(dst);
 	if (in >= 0)
 		close(in);
-	free(buf);
 	return err;
+}
+
+void ib_format_size(char out[32], uint64_t b)
+{
+	static const char *const units[] = { "bytes", "KiB", "MiB", "GiB", "TiB" };
+	size_t u = 0;
+	uint64_t whole = b;
+
+	while (u + 1 < sizeof(units) / sizeof(units[0]) && whole >= 1024 && whole % 1024 == 0) {
+		whole /= 1024;
+		u++;
+	}
+	snprintf(out, 32, "%llu %s", (unsigned long long)whole, units[u]);
 }
 
 uint64_t ib_du(const char *path)

@@ -98,7 +98,13 @@ int ib_write_all(int fd, const void *data, size_t len);
  * Allocated bytes (st_blocks) under path, a file or a tree, not following
  * links nor leaving its file system; 0 when it cannot be read.
  */
+/* "512 MiB", "3 GiB", "1000 bytes": the largest unit that divides it. */
+void ib_format_size(char out[32], uint64_t bytes);
+
 uint64_t ib_du(const char *path);
+
+/* A size: a whole number with an optional binary suffix (512, 20K, 300M, 10G, 1T), at most max. */
+int ib_parse_size(uint64_t *out, const char *s, uint64_t max);
 
 /* fsync a directory by path. */
 int ib_fsync_dir(const char *path);
@@ -125,6 +131,13 @@ void ib_hex(char *out, const unsigned char *data, size_t len);
 
 /* True when s is 64 lowercase hex digits (a key or image id). */
 bool ib_is_hex64(const char *s);
+
+/*
+ * Copy size bytes of in to out (both open; out empty): a reflink where the
+ * file system has them, else only the data ranges (SEEK_DATA), so holes
+ * stay holes; src and dst name them in messages.
+ */
+int ib_copy_data(int in, int out, off_t size, const char *src, const char *dst);
 
 /*
  * Copy a file keeping holes (SEEK_DATA/SEEK_HOLE), trying a reflink first.

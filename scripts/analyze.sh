@@ -7,7 +7,7 @@ set -u
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 CC=${CC:-gcc}
-PKGS="libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd"
+PKGS="libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp"
 flags="-std=c11 -D_GNU_SOURCE -O0 -fanalyzer -include lib/banned.h -I. $(pkg-config --cflags $PKGS)"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT

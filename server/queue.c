@@ -275,12 +275,13 @@ static void run_job(ib_server *srv, job *j)
 	ib_build_opts o = {
 		.force = j->force,
 		.timeout = (double)j->timeout_s,
+		.limits = &j->limits,
 		.log_fd = -1,
 		.cancel = &j->cancel,
 	};
 	ib_build_record rec = { .error_step = -1 };
 	ib_build_status st;
-	char *path = srv_log_path(srv, j->id), *steps = NULL;
+	char *path = srv_log_path(srv, j->id), *steps = NULL, limits[128];
 	json_t *steps_doc;
 	job_status status;
 	double seconds;
@@ -290,8 +291,9 @@ static void run_job(ib_server *srv, job *j)
 	if (o.log_fd < 0)
 		srv_event(srv, json_pack("{s:s, s:s, s:s}", "event", "error", "build_id", j->id, "message",
 				     strerror(errno)));
-	srv_build_log(srv, j->id, o.log_fd, "build %s started: image %s%s, timeout %llds", j->id, j->image_id,
-		  j->force ? " (forced)" : "", (long long)j->timeout_s);
+	ib_limits_describe(limits, sizeof(limits), &j->limits);
+	srv_build_log(srv, j->id, o.log_fd, "build %s started: image %s%s, timeout %llds, %s", j->id, j->image_id,
+		  j->force ? " (forced)" : "", (long long)j->timeout_s, limits);
 	steps_doc = srv_steps_of(j->b);
 	steps = srv_dump_json(steps_doc, 0);
 	json_decref(steps_doc);
@@ -513,7 +515,8 @@ static int join_locked(ib_server *srv, const char *image_id, bool force, srv_sub
 	return 1;
 }
 
-int srv_submit(ib_server *srv, ib_spec *spec, ib_build *b, bool force, int64_t timeout, srv_submission *out)
+int srv_submit(ib_server *srv, ib_spec *spec, ib_build *b, bool force, int64_t timeout, const ib_limits *limits,
+	       srv_submission *out)
 {
 	const char *image_id = ib_build_plan(b)->image_id;
 	job *j = NULL;
@@ -550,6 +553,7 @@ int srv_submit(ib_server *srv, ib_spec *spec, ib_build *b, bool force, int64_t t
 	b = NULL;
 	j->force = force;
 	j->timeout_s = timeout;
+	j->limits = *limits;
 	j->error_step = -1;
 	j->created = ib_http_wallclock();
 	j->status = ST_QUEUED;

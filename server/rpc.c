@@ -187,6 +187,41 @@ enum MHD_Result srv_respond_cached(req *r, struct MHD_Connection *c)
 	return srv_respond(r, c, MHD_HTTP_OK, "application/json", body, strlen(body));
 }
 
+/*
+ * limits: {"memory": "2G", "pids": 512, "cpus": "1.5", "disk": "8G"}, each
+ * as the command line takes it (a number or a string); what it leaves out
+ * is the server's.  More than the server's (or none where the server has
+ * one) is refused: a request may only ask for less.
+ */
+static int limits_field(ib_limits *out, json_t *msg, const ib_limits *server)
+{
+	json_t *v = field(msg, "limits", "limits"), *x;
+	const char *name, *over;
+	char buf[64], want[32], max[32];
+
+	*out = *server;
+	if (!v)
+		return 0;
+	if (!json_is_object(v))
+		return ib_error_set("limits: must be an object, not %s", ib_field_type_name(v));
+	json_object_foreach(v, name, x) {
+		if (json_is_integer(x) && json_integer_value(x) >= 0)
+			snprintf(buf, sizeof(buf), "%" JSON_INTEGER_FORMAT, json_integer_value(x));
+		else if (json_is_string(x) && json_string_length(x) < sizeof(buf))
+			snprintf(buf, sizeof(buf), "%s", json_string_value(x));
+		else
+			return ib_error_set("limits.%.64s: must be a number or a short string", name);
+		if (ib_limits_set(out, name, buf) < 0)
+			return ib_error_prefix("limits.%.64s", name), IB_EINVALID;
+	}
+	if (!(over = ib_limits_over(out, server)))
+		return 0;
+	ib_limit_format(want, out, over);
+	ib_limit_format(max, server, over);
+	return ib_error_set("limits.%s: %s is more than this server allows (%s); a build may ask for less, never more",
+			    over, want, max);
+}
+
 static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t *msg)
 {
 	ib_server *srv = r->srv;
@@ -197,6 +232,7 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 	ib_build *b = NULL;
 	srv_submission sub;
 	int64_t timeout = 0;
+	ib_limits limits;
 	int err, rc;
 	enum MHD_Result ret;
 	bool force = force_v && json_is_true(force_v);
@@ -211,6 +247,8 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 				     IB_TIMEOUT_MAX, IB_STEP_TIMEOUT_DEFAULT);
 	if (timeout == 0)
 		timeout = IB_STEP_TIMEOUT_DEFAULT;
+	if (limits_field(&limits, msg, &srv->cfg->limits) < 0)
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "%s", ib_error_last());
 
 	/* The spec as an object, or as a JSON document in a string. */
 	if (json_is_object(spec_v)) {
@@ -239,7 +277,7 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 		goto out;
 	}
 	snprintf(r->image_id, sizeof(r->image_id), "%s", ib_build_plan(b)->image_id);
-	err = srv_submit(srv, spec, b, force, timeout, &sub);
+	err = srv_submit(srv, spec, b, force, timeout, &limits, &sub);
 	spec = NULL;
 	b = NULL;
 	if (err < 0) {

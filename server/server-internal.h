@@ -70,6 +70,7 @@ typedef struct job {
 	ib_build *b;
 	bool force;
 	int64_t timeout_s;
+	ib_limits limits;        /* the request's, within the server's */
 	volatile int cancel;     /* the runner polls it */
 	bool shutdown_cancel;    /* cancelled by the server, not a client */
 	job_status status;
@@ -247,7 +248,8 @@ typedef struct srv_submission {
  * READY record, made once), or queue a new job, recorded before anyone can
  * run it.  0, or <0 with the message set and out->code for the answer.
  */
-int srv_submit(ib_server *srv, ib_spec *spec, ib_build *b, bool force, int64_t timeout, srv_submission *out);
+int srv_submit(ib_server *srv, ib_spec *spec, ib_build *b, bool force, int64_t timeout, const ib_limits *limits,
+	       srv_submission *out);
 
 typedef enum srv_cancel_result {
 	SRV_CANCEL_UNKNOWN,  /* not in memory: answer from the records */

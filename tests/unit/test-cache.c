@@ -9,6 +9,7 @@
 
 #include "lib/util.h"
 #include "cache/cache.h"
+#include "layer/copy.h"
 #include "layer/tree.h"
 #include "tests/unit/test.h"
 
@@ -297,6 +298,49 @@ TEST(digest_versions)
 	ASSERT_INT_EQ(ib_tree_digest(v2b, t, 3, NULL, NULL, NULL), IB_ERROR);
 	free(f);
 	free(t);
+	ib_rm_rf(dir);
+	free(dir);
+}
+
+/*
+ * The tree copy (a step's upper dir from the build disk into the cache)
+ * keeps everything the digest covers, times included (the tree is not
+ * normalised first), hard links as links and holes as holes.
+ */
+TEST(tree_copy)
+{
+	char *dir = tmpdir(), *t = ib_xasprintf("%s/t", dir), *c = ib_xasprintf("%s/c", dir), p[512];
+	char a[IB_SHA256_HEX], b[IB_SHA256_HEX];
+	struct stat s1, s2;
+
+	mkdir(t, 0755);
+	golden_tree(t);
+	snprintf(p, sizeof(p), "%s/etc/file", t);
+	ASSERT_INT_EQ(chmod(p, 04755), 0);
+	ASSERT_INT_EQ(setxattr(p, "user.note", "kept", 4, 0), 0);
+	{
+		char q[512];
+		snprintf(q, sizeof(q), "%s/hard", t);
+		ASSERT_INT_EQ(link(p, q), 0);
+		snprintf(q, sizeof(q), "%s/opq/fifo", t);
+		ASSERT_INT_EQ(mkfifo(q, 0640), 0);
+	}
+	ASSERT_INT_EQ(ib_tree_copy(t, c, NULL), 0);
+	ASSERT_INT_EQ(ib_tree_digest(a, t, IB_TREE_DIGEST_V2, NULL, NULL, NULL), 0);
+	ASSERT_INT_EQ(ib_tree_digest(b, c, IB_TREE_DIGEST_V2, NULL, NULL, NULL), 0);
+	ASSERT_STR_EQ(a, b);
+	snprintf(p, sizeof(p), "%s/etc/file", c);
+	ASSERT_INT_EQ(stat(p, &s1), 0);
+	snprintf(p, sizeof(p), "%s/hard", c);
+	ASSERT_INT_EQ(stat(p, &s2), 0);
+	ASSERT_TRUE(s1.st_ino == s2.st_ino && s1.st_nlink == 2 && (s1.st_mode & 07777) == 04755);
+	snprintf(p, sizeof(p), "%s/etc/big", c);
+	ASSERT_INT_EQ(stat(p, &s1), 0);
+	ASSERT_TRUE(s1.st_size == 300000 && s1.st_blocks * 512 < 200000);
+	/* dst is made, never reused */
+	ASSERT_INT_EQ(ib_tree_copy(t, c, NULL), IB_ERROR);
+	free(t);
+	free(c);
 	ib_rm_rf(dir);
 	free(dir);
 }

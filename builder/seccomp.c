@@ -1,0 +1,156 @@
+#include "builder/seccomp.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "lib/util.h"
+
+/*
+ * The usual container deny list (what Docker's and podman's default
+ * profiles refuse a container without CAP_SYS_ADMIN), as a filter that
+ * allows the rest: a step gets EPERM, never a kill, so a tool that probes
+ * (say, for io_uring) falls back as it would in any container.
+ */
+static const char *const denied[] = {
+	/* another way into the host's files */
+	"open_by_handle_at", "name_to_handle_at",
+	/* the kernel itself */
+	"kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "create_module",
+	"bpf", "perf_event_open", "userfaultfd", "lookup_dcookie", "iopl", "ioperm", "swapon", "swapoff",
+	"reboot", "syslog", "acct", "quotactl", "quotactl_fd", "nfsservctl", "get_kernel_syms", "query_module",
+	"uselib", "_sysctl", "vm86", "vm86old", "modify_ldt", "kcmp",
+	/* keys are not namespaced */
+	"keyctl", "add_key", "request_key",
+	/* mounts: the sandbox makes its own, a step makes none */
+	"mount", "umount", "umount2", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
+	"mount_setattr", "pivot_root",
+	/* time and names are the host's */
+	"settimeofday", "stime", "clock_settime", "clock_settime64", "clock_adjtime", "clock_adjtime64",
+	"adjtimex", "sethostname", "setdomainname", "vhangup",
+	/* other namespaces; new ones are refused below (clone, unshare) */
+	"setns",
+	/* a large attack surface that builds do not need */
+	"io_uring_setup", "io_uring_enter", "io_uring_register",
+};
+
+/* Namespace flags a step may not ask clone or unshare for. */
+#define NS_FLAGS \
+	((scmp_datum_t)(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | \
+			CLONE_NEWNET | CLONE_NEWCGROUP | 0x00000080 /* CLONE_NEWTIME */))
+
+static int add_arches(scmp_filter_ctx ctx)
+{
+	uint32_t native = seccomp_arch_native();
+	int rc = 0;
+
+	/* 32-bit programs in the image are filtered too, not left to the bad-arch action */
+	if (native == SCMP_ARCH_X86_64) {
+		if ((rc = seccomp_arch_add(ctx, SCMP_ARCH_X86)) == 0)
+			rc = seccomp_arch_add(ctx, SCMP_ARCH_X32);
+	} else if (native == SCMP_ARCH_AARCH64) {
+		rc = seccomp_arch_add(ctx, SCMP_ARCH_ARM);
+	}
+	return rc == -EEXIST ? 0 : rc;
+}
+
+static const scmp_datum_t ns_flags[] = {
+	CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP,
+	0x00000080 /* CLONE_NEWTIME */,
+};
+
+static int build(char **out, size_t *out_len)
+{
+	scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
+	int rc = 0, fd = -1, err = 0;
+	const char *what = "";
+	off_t size;
+
+	if (!ctx)
+		return ib_error_set("seccomp: cannot start a filter");
+	if ((rc = add_arches(ctx)) < 0) {
+		what = "add architectures";
+		goto fail;
+	}
+	/* a denied syscall fails with EPERM; names this libseccomp or architecture lacks are skipped */
+	for (size_t i = 0; i < sizeof(denied) / sizeof(denied[0]); i++) {
+		int nr = seccomp_syscall_resolve_name(denied[i]);
+		if (nr == __NR_SCMP_ERROR)
+			continue;
+		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0)) < 0 && rc != -EDOM) {
+			what = denied[i];
+			goto fail;
+		}
+	}
+	/* no new namespace: clone and unshare by flag; clone3 keeps its flags in memory, so it is
+	 * "not implemented" and the C library falls back to clone */
+	for (size_t i = 0; i < sizeof(ns_flags) / sizeof(ns_flags[0]); i++) {
+		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(unshare), 1,
+					   SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]))) < 0 ||
+		    (rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
+					   SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]))) < 0) {
+			what = "clone/unshare";
+			goto fail;
+		}
+	}
+	if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0)) < 0 && rc != -EDOM) {
+		what = "clone3";
+		goto fail;
+	}
+	fd = memfd_create("ib-seccomp", MFD_CLOEXEC);
+	if (fd < 0) {
+		err = ib_error_set_errno(errno, "seccomp: cannot create a memfd");
+		goto out;
+	}
+	if ((rc = seccomp_export_bpf(ctx, fd)) < 0) {
+		what = "export the program";
+		goto fail;
+	}
+	size = lseek(fd, 0, SEEK_END);
+	if (size <= 0 || size % 8) {
+		err = ib_error_set("seccomp: the exported program has %lld bytes", (long long)size);
+		goto out;
+	}
+	*out = ib_xmalloc((size_t)size);
+	if (pread(fd, *out, (size_t)size, 0) != size) {
+		err = ib_error_set_errno(errno, "seccomp: cannot read the exported program");
+		free(*out);
+		*out = NULL;
+		goto out;
+	}
+	*out_len = (size_t)size;
+	goto out;
+fail:
+	err = ib_error_set("seccomp: cannot %s: %s", what, strerror(-rc));
+out:
+	if (fd >= 0)
+		close(fd);
+	seccomp_release(ctx);
+	return err;
+}
+
+static pthread_mutex_t once_mu = PTHREAD_MUTEX_INITIALIZER;
+static char *program;
+static size_t program_len;
+
+int ib_seccomp_program(const char **out, size_t *out_len)
+{
+	int err = 0;
+
+	pthread_mutex_lock(&once_mu);
+	if (!program)
+		err = build(&program, &program_len);
+	if (!err) {
+		*out = program;
+		*out_len = program_len;
+	}
+	pthread_mutex_unlock(&once_mu);
+	return err;
+}
