@@ -113,8 +113,8 @@ analyze:
 fresh-check:
 	@scripts/fresh-check.sh
 
-# BENCH=run|arm64|serve-bench picks one; all by default.
-BENCH ?= run arm64 serve-bench
+# BENCH=run|sandbox|arm64|serve-bench picks one; all by default.
+BENCH ?= run sandbox arm64 serve-bench
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@for b in $(BENCH); do echo "== bench/$$b.sh"; bench/$$b.sh $(BUILD) || exit 1; done

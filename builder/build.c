@@ -734,10 +734,11 @@ static size_t index_ports(const char *url, uint16_t *ports)
 	} else {
 		return 0;
 	}
-	if (strncmp(host, "127.", 4) && strncmp(host, "localhost", 9) && strncmp(host, "[::1]", 5))
+	/* IPv4 only, as pasta runs (--ipv4-only): an index at [::1] stays out of reach */
+	if (strncmp(host, "127.", 4) && strncmp(host, "localhost", 9))
 		return 0;
 	end = host + strcspn(host, "/");
-	for (const char *c = host[0] == '[' ? strchr(host, ']') : host; c && c < end; c++)
+	for (const char *c = host; c < end; c++)
 		if (*c == ':')
 			colon = c;
 	if (colon) {

@@ -12,8 +12,15 @@
  *   1  the output pipe               the steps' stdout and stderr, and the
  *   2  the output pipe               helper's own messages
  *   3  the plan (a sealed memfd)     read once, then closed
- *   4  the status pipe               one struct ib_sandbox_status at the end;
- *                                    close-on-exec, so no step holds it
+ *   4  the status socket             (SOCK_SEQPACKET) close-on-exec, so no
+ *                                    step holds it: first one byte
+ *                                    IB_SANDBOX_MSG_LISTENER with the seccomp
+ *                                    filter's listener (SCM_RIGHTS), last one
+ *                                    struct ib_sandbox_status
+ *
+ * The listener's notifications are a step's IPv4 and IPv6 socket() calls:
+ * the builder attaches the step's network at the first one, and lets each
+ * call go on (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
  *
  * The plan: a header, then the seccomp program (filter_len struct
  * sock_filter), then ncmds commands, each a u32 argc and argc strings,
@@ -27,6 +34,8 @@
 #define IB_SANDBOX_FD_STATUS	4
 #define IB_SANDBOX_PLAN_MAX	(64u << 20)
 #define IB_SANDBOX_HOSTNAME	"imagebuilder"
+#define IB_SANDBOX_MSG_LISTENER	'L'
+
 
 struct ib_sandbox_plan_hdr {
 	char magic[8];

@@ -30,6 +30,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/mount.h>
+#include <linux/seccomp.h>
 #include <net/if.h>
 #include <poll.h>
 #include <pthread.h>
@@ -47,6 +48,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -550,15 +552,7 @@ static void __attribute__((noreturn)) sandbox_init(struct sandbox *sb)
 		report_setup(sb, 0, "%s", ib_error_last());
 		_exit(2);
 	}
-	/* the builder attaches pasta to this network namespace, then this closes link-local */
-	if (ask(sb, 'n') < 0) {
-		report_setup(sb, 0, "the builder did not set up the step's network");
-		_exit(2);
-	}
-	if (ib_netns_close_link_local(IB_SANDBOX_DNS) < 0) {
-		report_setup(sb, 0, "%s", ib_error_last());
-		_exit(2);
-	}
+	/* the rest of the network comes at the step's first socket (the builder attaches pasta) */
 	/* from here on, no privilege on the host: a user namespace whose root is the idmap range */
 	if (unshare(CLONE_NEWUSER) < 0) {
 		report_setup(sb, errno, "cannot create the step's user namespace");
@@ -662,6 +656,9 @@ struct run_state {
 	const ib_run_req *req;
 	pid_t c, b;
 	int killed;
+	int listener;  /* the step's seccomp listener, once ib-sandbox sent it */
+	bool net_up;   /* pasta is attached */
+	char *net_err; /* why it could not be (the step was killed) */
 	ib_pasta pasta;
 };
 
@@ -707,11 +704,130 @@ static int read_sync(struct run_state *rs, int fd, void *buf, size_t len)
 }
 
 /*
+ * One message of the status socket: the listener (0; *listener set, or
+ * closed when one came already), the status (1, in *st), or nothing more
+ * (-1).
+ */
+static int recv_status(int fd, struct ib_sandbox_status *st, int *listener)
+{
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct ib_sandbox_status msg;
+	struct iovec iov = { &msg, sizeof(msg) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
+	struct cmsghdr *cm;
+	ssize_t n;
+
+	memset(&msg, 0, sizeof(msg));
+	while ((n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)) < 0 && errno == EINTR)
+		;
+	if (n <= 0)
+		return -1;
+	for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+			int got;
+			memcpy(&got, CMSG_DATA(cm), sizeof(int));
+			if (*listener < 0 && n == 1 && *(char *)&msg == IB_SANDBOX_MSG_LISTENER)
+				*listener = got;
+			else
+				close(got);
+		}
+	if (n == (ssize_t)sizeof(msg)) {
+		*st = msg;
+		return 1;
+	}
+	return 0;
+}
+
+/* In a child that enters the step's network: refuse link-local but the resolver's address. */
+static int close_link_local(pid_t b)
+{
+	char path[64], msg[512] = "";
+	int fd, p[2], ws = 0, err = 0;
+	pid_t pid;
+
+	snprintf(path, sizeof(path), "/proc/%d/ns/net", (int)b);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return ib_error_set_errno(errno, "cannot open the step's network namespace");
+	if (pipe2(p, O_CLOEXEC) < 0) {
+		close(fd);
+		return ib_error_set_errno(errno, "cannot create a pipe");
+	}
+	pid = fork();
+	if (pid == 0) {
+		/* /proc/net is the netns of the reading process: this one, from here on */
+		if (setns(fd, CLONE_NEWNET) < 0)
+			_exit((dprintf(p[1], "cannot enter the step's network: %s", strerror(errno)), 1));
+		if (ib_netns_close_link_local(IB_SANDBOX_DNS) < 0)
+			_exit((dprintf(p[1], "%s", ib_error_last()), 1));
+		_exit(0);
+	}
+	close(fd);
+	close(p[1]);
+	if (pid < 0) {
+		close(p[0]);
+		return ib_error_set_errno(errno, "cannot fork");
+	}
+	if (read(p[0], msg, sizeof(msg) - 1) < 0)
+		msg[0] = '\0';
+	close(p[0]);
+	while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0)
+		err = ib_error_set("%s", *msg ? msg : "cannot close link-local addresses in the step's network");
+	return err;
+}
+
+/*
+ * A socket() of the step: attach the network at the first (pasta, then
+ * link-local closed), then let the call go on.  When the network cannot be
+ * had, the step is killed and the build fails saying why.
+ */
+static void answer_notification(struct run_state *rs)
+{
+	const ib_run_req *req = rs->req;
+	struct seccomp_notif_sizes sizes = { 0 };
+	struct seccomp_notif *n;
+	struct seccomp_notif_resp *resp;
+
+	if (syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) < 0)
+		sizes = (struct seccomp_notif_sizes){ sizeof(*n), sizeof(*resp), 0 };
+	n = ib_xcalloc(1, sizes.seccomp_notif > sizeof(*n) ? sizes.seccomp_notif : sizeof(*n));
+	resp = ib_xcalloc(1, sizes.seccomp_notif_resp > sizeof(*resp) ? sizes.seccomp_notif_resp : sizeof(*resp));
+	if (ioctl(rs->listener, SECCOMP_IOCTL_NOTIF_RECV, n) < 0)
+		goto out; /* the caller is gone (ENOENT), or the step is */
+	if (!rs->net_up && !rs->net_err) {
+		int err = ib_pasta_start(&rs->pasta, req->sandbox->pasta, rs->b, req->scratch, req->sandbox->ports,
+					 req->sandbox->nports, IB_SANDBOX_DNS);
+		if (!err)
+			err = close_link_local(rs->b);
+		if (err) {
+			rs->net_err = ib_xstrdup(ib_error_last());
+			if (rs->b > 0)
+				kill(rs->b, SIGKILL);
+			kill(-rs->c, SIGKILL);
+			goto out;
+		}
+		rs->net_up = true;
+	}
+	resp->id = n->id;
+	resp->flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+	if (ioctl(rs->listener, SECCOMP_IOCTL_NOTIF_SEND, resp) < 0) {
+		/* ENOENT: the caller went away meanwhile */
+	}
+out:
+	free(n);
+	free(resp);
+}
+
+/*
  * Answer B's questions until it execs: 0 when it runs the step, 1 when it
  * went away (its status says why), <0 when the builder could not do its
  * part (B is told no and gives up).
  */
-static int serve_sandbox(struct run_state *rs, const char *scratch, int sync_r, int go_w)
+static int serve_sandbox(struct run_state *rs, int sync_r, int go_w)
 {
 	const ib_run_req *req = rs->req;
 	char msg[1 + sizeof(pid_t)], c;
@@ -720,18 +836,6 @@ static int serve_sandbox(struct run_state *rs, const char *scratch, int sync_r, 
 	if (read_sync(rs, sync_r, msg, sizeof(msg)) < 0 || msg[0] != 'p')
 		return 1;
 	memcpy(&rs->b, msg + 1, sizeof(pid_t));
-	if (write(go_w, "y", 1) != 1)
-		return 1;
-	/* network */
-	if (read_sync(rs, sync_r, &c, 1) < 0 || c != 'n')
-		return 1;
-	if ((err = ib_pasta_start(&rs->pasta, req->sandbox->pasta, rs->b, scratch, req->sandbox->ports,
-				  req->sandbox->nports, IB_SANDBOX_DNS)) < 0) {
-		if (write(go_w, "n", 1) < 0) {
-			/* B sees EOF or "n" and gives up */
-		}
-		return err;
-	}
 	if (write(go_w, "y", 1) != 1)
 		return 1;
 	/* user namespace */
@@ -752,10 +856,11 @@ static int namespace_run(const ib_run_req *req)
 {
 	struct sandbox sb = { .req = req, .out_w = -1, .status_w = -1, .stdin_r = -1, .sync_w = -1, .go_r = -1,
 			      .plan_fd = -1, .helper_fd = -1, .idmap_fd = -1 };
-	struct run_state rs = { .req = req, .c = -1, .b = -1 };
+	struct run_state rs = { .req = req, .c = -1, .b = -1, .listener = -1 };
 	struct ib_sandbox_status st;
 	int out[2] = { -1, -1 }, status[2] = { -1, -1 }, in[2] = { -1, -1 }, sync[2] = { -1, -1 }, go[2] = { -1, -1 };
 	int err = 0, ws = 0, setup_err = 0;
+	bool have_status = false;
 	pid_t builder = getpid();
 	char buf[65536], *dirs[4] = { NULL }, *setup_msg = NULL;
 
@@ -797,7 +902,8 @@ static int namespace_run(const ib_run_req *req)
 	pthread_mutex_unlock(&shared_mu);
 	if (err || (err = plan_memfd(req, &sb.plan_fd)) < 0)
 		goto out;
-	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(status, O_CLOEXEC) < 0 || pipe2(in, O_CLOEXEC) < 0 ||
+	if (pipe2(out, O_CLOEXEC) < 0 || socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, status) < 0 ||
+	    pipe2(in, O_CLOEXEC) < 0 ||
 	    pipe2(sync, O_CLOEXEC) < 0 || pipe2(go, O_CLOEXEC) < 0) {
 		err = ib_error_set_errno(errno, "cannot create pipes");
 		goto out;
@@ -830,7 +936,7 @@ static int namespace_run(const ib_run_req *req)
 	close(go[0]);
 	out[1] = status[1] = in[0] = in[1] = sync[1] = go[0] = -1;
 
-	setup_err = serve_sandbox(&rs, req->scratch, sync[0], go[1]);
+	setup_err = serve_sandbox(&rs, sync[0], go[1]);
 	if (setup_err != 0) {
 		/* B waits on the go pipe, or is gone: closing it ends the setup either way */
 		close(go[1]);
@@ -839,8 +945,11 @@ static int namespace_run(const ib_run_req *req)
 			setup_msg = ib_xstrdup(ib_error_last());
 	}
 	for (;;) {
-		struct pollfd p = { .fd = out[0], .events = POLLIN };
-		int r = poll(&p, 1, 100);
+		/* the output; the status socket until the listener or the status came; the listener */
+		struct pollfd p[3] = { { .fd = out[0], .events = POLLIN },
+				       { .fd = have_status || rs.listener >= 0 ? -1 : status[0], .events = POLLIN },
+				       { .fd = rs.listener, .events = POLLIN } };
+		int r = poll(p, 3, 100);
 		ssize_t n;
 
 		should_stop(&rs);
@@ -852,6 +961,16 @@ static int namespace_run(const ib_run_req *req)
 			break;
 		}
 		if (r == 0)
+			continue;
+		if (p[1].revents && recv_status(status[0], &st, &rs.listener) == 1)
+			have_status = true;
+		if (p[2].revents & POLLIN)
+			answer_notification(&rs);
+		else if (p[2].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+			close(rs.listener);
+			rs.listener = -1;
+		}
+		if (!p[0].revents)
 			continue;
 		n = read(out[0], buf, sizeof(buf));
 		if (n < 0 && (errno == EINTR || errno == EAGAIN))
@@ -878,8 +997,17 @@ static int namespace_run(const ib_run_req *req)
 		err = ib_error_set("%s", setup_msg);
 		goto out;
 	}
-	memset(&st, 0, sizeof(st));
-	if (read(status[0], &st, sizeof(st)) != (ssize_t)sizeof(st)) {
+	if (rs.net_err) {
+		err = ib_error_set("%s", rs.net_err);
+		goto out;
+	}
+	while (!have_status) {
+		int r = recv_status(status[0], &st, &rs.listener);
+		if (r < 0)
+			break;
+		have_status = r == 1;
+	}
+	if (!have_status) {
 		err = ib_error_set("the sandbox ended without a status (exit %d)",
 				   WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws));
 		goto out;
@@ -891,6 +1019,9 @@ static int namespace_run(const ib_run_req *req)
 		err = describe_failure(req, &st);
 out:
 	free(setup_msg);
+	free(rs.net_err);
+	if (rs.listener >= 0)
+		close(rs.listener);
 	ib_pasta_stop(&rs.pasta);
 	for (int i = 0; i < 2; i++) {
 		int *all[] = { out, status, in, sync, go };

@@ -7,6 +7,7 @@
 #include <seccomp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -102,6 +103,24 @@ static int build(char **out, size_t *out_len)
 	}
 	if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0)) < 0 && rc != -EDOM) {
 		what = "clone3";
+		goto fail;
+	}
+	/*
+	 * The step's first IPv4 or IPv6 socket asks the builder (user
+	 * notification) to attach the network; the call then goes on as it
+	 * was.  Steps that never open one never pay for pasta.
+	 */
+	for (size_t i = 0; i < 2; i++) {
+		scmp_datum_t family = i ? AF_INET6 : AF_INET;
+		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, family))) < 0) {
+			what = "socket";
+			goto fail;
+		}
+	}
+	/* 32-bit x86: socket(2) through socketcall(SYS_SOCKET, args), whose family is out of reach */
+	if ((rc = seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(socketcall), 1, SCMP_A0(SCMP_CMP_EQ, 1))) < 0 &&
+	    rc != -EDOM) {
+		what = "socketcall";
 		goto fail;
 	}
 	fd = memfd_create("ib-seccomp", MFD_CLOEXEC);

@@ -23,8 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -186,15 +188,51 @@ static void load_plan(struct plan *pl)
 }
 
 /*
+ * Once, in PID 1 before any command: no_new_privs and the seccomp filter,
+ * which every command inherits, with a listener for its user
+ * notifications (a step's first network socket), sent to the builder over
+ * the status socket and closed here.
+ */
+static void filter_all(const struct plan *pl)
+{
+	struct sock_fprog prog = { (unsigned short)pl->hdr.filter_len, pl->filter };
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	char tag = IB_SANDBOX_MSG_LISTENER;
+	struct iovec iov = { &tag, 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
+	struct cmsghdr *cm;
+	int fd;
+
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		die(errno, "cannot set no_new_privs");
+	fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+	if (fd < 0)
+		die(errno, "cannot load the seccomp filter");
+	memset(u.buf, 0, sizeof(u.buf));
+	cm = CMSG_FIRSTHDR(&mh);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	while (sendmsg(IB_SANDBOX_FD_STATUS, &mh, MSG_NOSIGNAL) < 0)
+		if (errno != EINTR)
+			die(errno, "cannot hand the seccomp listener to the builder");
+	close(fd);
+}
+
+/*
  * In the child, before exec: the capabilities the plan keeps (root keeps
  * its bounding set across exec, so the bounding set is what counts),
- * none ambient or inheritable, no_new_privs, the seccomp filter.
+ * none ambient or inheritable.  no_new_privs and the filter it has from
+ * PID 1.
  */
 static int confine(const struct plan *pl)
 {
 	struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
 	struct __user_cap_data_struct d[2];
-	struct sock_fprog prog = { (unsigned short)pl->hdr.filter_len, pl->filter };
 	uint64_t keep = pl->hdr.keep_caps;
 
 	for (int cap = 0; cap <= 63; cap++) {
@@ -213,10 +251,6 @@ static int confine(const struct plan *pl)
 		d[i].inheritable = 0;
 	}
 	if (syscall(SYS_capset, &h, d) < 0)
-		return -1;
-	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-		return -1;
-	if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
 		return -1;
 	return 0;
 }
@@ -238,6 +272,7 @@ int main(void)
 	umask(022);
 	if (chdir("/") < 0)
 		die(errno, "cannot enter /");
+	filter_all(&pl);
 
 	for (uint32_t i = 0; i < pl.hdr.ncmds; i++) {
 		char **argv = pl.cmds[i];
