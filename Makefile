@@ -11,7 +11,8 @@
 
 CC ?= cc
 BUILD ?= build
-PKGS = libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp
+PKGS = libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp \
+       libprotobuf-c
 
 WARN = -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
        -Wformat-security -Wwrite-strings -Wvla -fno-common
@@ -24,7 +25,7 @@ endif
 
 CFLAGS ?= -O2 -g
 ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -include lib/banned.h \
-	-I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+	-I. -I$(BUILD)/gen $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lpthread
 ifneq ($(SANITIZE),)
 ALL_CFLAGS += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
@@ -36,7 +37,15 @@ LIB_SRC = $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c)))
 CLI_SRC = $(sort $(wildcard cli/*.c))
 UNIT_SRC = $(sort $(wildcard tests/unit/test-*.c))
 
-LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+# The BuildImage schema: C (protoc-c) and the descriptor set that reflection
+# serves, made at build time; nothing generated is checked in.
+PROTO = imagebuilder/v1/imagebuilder.proto
+PROTO_WKT = google/protobuf/struct.proto google/protobuf/timestamp.proto google/protobuf/wrappers.proto
+GEN = $(BUILD)/gen
+GEN_SRC = $(GEN)/imagebuilder/v1/imagebuilder.pb-c.c $(PROTO_WKT:%.proto=$(GEN)/%.pb-c.c) $(GEN)/descriptor-set.c
+GEN_OBJ = $(GEN_SRC:$(GEN)/%.c=$(BUILD)/obj/gen/%.o)
+
+LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(GEN_OBJ)
 CLI_OBJ = $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 UNIT_BIN = $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
@@ -65,7 +74,23 @@ $(SANDBOX_BIN): init/ib-sandbox.c builder/sandbox-proto.h lib/banned.h
 	@mkdir -p $(dir $@)
 	$(CC) $(INIT_CFLAGS) -I. -o $@ $<
 
-$(BUILD)/obj/%.o: %.c $(FLAGS_STAMP)
+$(GEN)/.stamp: proto/$(PROTO)
+	@mkdir -p $(GEN)
+	protoc-c --c_out=$(GEN) --descriptor_set_out=$(GEN)/imagebuilder.desc --include_imports \
+		-I proto -I /usr/include $(PROTO) $(PROTO_WKT)
+	@touch $@
+$(filter-out $(GEN)/descriptor-set.c,$(GEN_SRC)): $(GEN)/.stamp
+# the descriptor set as bytes in the program
+$(GEN)/descriptor-set.c: $(GEN)/.stamp
+	{ echo '#include <stddef.h>'; echo 'const unsigned char ib_descriptor_set[] = {'; \
+	  od -An -v -tx1 $(GEN)/imagebuilder.desc | sed 's/ *\([0-9a-f][0-9a-f]\)/0x\1,/g'; \
+	  echo '};'; echo 'const size_t ib_descriptor_set_len = sizeof(ib_descriptor_set);'; } > $@
+
+$(BUILD)/obj/gen/%.o: $(GEN)/%.c $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -c $< -o $@
+
+$(BUILD)/obj/%.o: %.c $(FLAGS_STAMP) | $(GEN)/.stamp
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -MMD -MP -c $< -o $@
 
@@ -100,15 +125,15 @@ unit-test: deps
 # Folders include only folders below them, no include cycles; every
 # multi-step change of the cache has its crash points; the analyzer finds
 # nothing new; everything compiles without a warning.
-check:
+check: $(GEN)/.stamp
 	@scripts/check-layers.py
 	@scripts/check-crash-points.py
-	@scripts/analyze.sh
+	@IB_GEN=$(GEN) scripts/analyze.sh
 	@$(MAKE) --no-print-directory BUILD=$(BUILD)-werror WERROR=1 all unit >/dev/null
 	@echo "check: builds with -Werror"
 
-analyze:
-	@scripts/analyze.sh
+analyze: $(GEN)/.stamp
+	@IB_GEN=$(GEN) scripts/analyze.sh
 
 fresh-check:
 	@scripts/fresh-check.sh

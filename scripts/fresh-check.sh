@@ -60,7 +60,11 @@ in_root() {
 		mount -t tmpfs tmpfs "$root/run"
 		cp /etc/resolv.conf "$root/etc/resolv.conf"
 		hostname fresh-check
-		exec chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+		# pivot_root, not chroot: the kernel refuses user namespaces to a
+		# chrooted process, and a real machine is not one
+		cd "$root" && mkdir -p .old-root && pivot_root . .old-root && cd / && umount -l /.old-root &&
+			rmdir /.old-root || exit 1
+		exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 			HOME=/root LANG=C.UTF-8 TERM=dumb ${FRESH_TESTS:+TESTS="$FRESH_TESTS"} \
 			/bin/sh -c "cd /root/imagebuilder && $*"' sh "$root" "$@"
 }

@@ -8,6 +8,7 @@ set -eu
 # check of foreign architectures).
 PKGS="gcc make pkg-config libc6-dev
 libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libmicrohttpd-dev libgit2-dev libzstd-dev libseccomp-dev
+protobuf-c-compiler libprotobuf-c-dev libprotobuf-dev
 qemu-user-static qemu-system-x86 arch-test patchelf
 mmdebstrap e2fsprogs python3 python3-pip-whl ca-certificates bc git curl strace zstd bmap-tools passt"
 # a cross compiler for the init of the other architecture
@@ -15,6 +16,9 @@ case "$(uname -m)" in
 x86_64) PKGS="$PKGS gcc-aarch64-linux-gnu libc6-dev-arm64-cross" ;;
 aarch64) PKGS="$PKGS gcc-x86-64-linux-gnu libc6-dev-amd64-cross" ;;
 esac
+
+# npm fetches the RPC tests' clients (buf, connect-es); a node that brings its own npm will do
+command -v npm >/dev/null || PKGS="$PKGS npm"
 
 missing=""
 for p in $PKGS; do

@@ -108,8 +108,24 @@ enum MHD_Result srv_respond(req *r, struct MHD_Connection *c, unsigned status, c
 
 enum MHD_Result srv_respond_json(req *r, struct MHD_Connection *c, json_t *doc)
 {
-	char *s = srv_dump_json(doc, 0);
+	char *s;
 
+	if (r->proto) {
+		/* the same answer as binary Protobuf: the method's output message */
+		ProtobufCMessage *m = NULL;
+		size_t len;
+		int err = srv_pb_from_json(srv_rpcs[r->rpc].out, doc, &m);
+
+		json_decref(doc);
+		if (err)
+			return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "cannot encode the answer: %s", ib_error_last());
+		len = protobuf_c_message_get_packed_size(m);
+		s = ib_xmalloc(len ? len : 1);
+		protobuf_c_message_pack(m, (uint8_t *)s);
+		protobuf_c_message_free_unpacked(m, NULL);
+		return srv_respond(r, c, MHD_HTTP_OK, "application/proto", s, len);
+	}
+	s = srv_dump_json(doc, 0);
 	json_decref(doc);
 	return srv_respond(r, c, MHD_HTTP_OK, "application/json", s, strlen(s));
 }
@@ -166,8 +182,8 @@ const char *srv_header_value(struct MHD_Connection *c, const char *name)
 	return MHD_lookup_connection_value(c, MHD_HEADER_KIND, name);
 }
 
-/* Media type of a Content-Type value is application/json (parameters allowed)? */
-static bool is_json_type(const char *ctype)
+/* Media type of a Content-Type value is type (parameters allowed)? */
+static bool is_type(const char *ctype, const char *type)
 {
 	size_t n;
 
@@ -176,7 +192,7 @@ static bool is_json_type(const char *ctype)
 	while (*ctype == ' ' || *ctype == '\t')
 		ctype++;
 	n = strcspn(ctype, "; \t");
-	return n == 16 && !strncasecmp(ctype, "application/json", 16);
+	return n == strlen(type) && !strncasecmp(ctype, type, n);
 }
 
 static enum MHD_Result serve_metrics(req *r, struct MHD_Connection *c)
@@ -254,10 +270,12 @@ static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *
 			return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED,
 					    MHD_HTTP_HEADER_ALLOW, srv_rpcs[k].side_effect_free ? "POST, GET" : "POST",
 					    "Connect unary calls are POST requests");
-		if (!is_json_type(ctype))
+		r->rpc = (int)k;
+		r->proto = is_type(ctype, "application/proto");
+		if (!r->proto && !is_type(ctype, "application/json"))
 			return srv_respond_http(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, IB_CONNECT_INVALID_ARGUMENT,
-					    "Accept-Post", "application/json",
-					    "content-type must be application/json (the proto codec is not served)");
+					    "Accept-Post", "application/json, application/proto",
+					    "content-type must be application/json or application/proto");
 		if (cenc && strcmp(cenc, "identity"))
 			return srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED,
 					     "content-encoding '%.32s' is not supported (identity only)", cenc);

@@ -11,10 +11,15 @@
 #include <sys/stat.h>
 
 const srv_rpc srv_rpcs[] = {
-	[RPC_BUILD_IMAGE] = { "BuildImage", IB_EP_BUILD_IMAGE, false },
-	[RPC_GET_BUILD] = { "GetBuild", IB_EP_GET_BUILD, true },
-	[RPC_CANCEL_BUILD] = { "CancelBuild", IB_EP_CANCEL_BUILD, false },
-	[RPC_GET_IMAGE] = { "GetImage", IB_EP_GET_IMAGE, true },
+	[RPC_BUILD_IMAGE] = { "BuildImage", IB_EP_BUILD_IMAGE, false, &imagebuilder__v1__build_image_request__descriptor,
+			      &imagebuilder__v1__build_image_response__descriptor },
+	[RPC_GET_BUILD] = { "GetBuild", IB_EP_GET_BUILD, true, &imagebuilder__v1__get_build_request__descriptor,
+			    &imagebuilder__v1__get_build_response__descriptor },
+	[RPC_CANCEL_BUILD] = { "CancelBuild", IB_EP_CANCEL_BUILD, false,
+			       &imagebuilder__v1__cancel_build_request__descriptor,
+			       &imagebuilder__v1__cancel_build_response__descriptor },
+	[RPC_GET_IMAGE] = { "GetImage", IB_EP_GET_IMAGE, true, &imagebuilder__v1__get_image_request__descriptor,
+			    &imagebuilder__v1__get_image_response__descriptor },
 };
 
 /* Build ids are ours (32 lowercase hex digits); reject anything else early. */
@@ -184,6 +189,11 @@ enum MHD_Result srv_respond_cached(req *r, struct MHD_Connection *c)
 	srv_touch_image(r->srv, r->image_id);
 	ib_metrics_image_lookup(r->srv->metrics, true);
 	r->cached = 1;
+	if (r->proto) {
+		json_t *doc = json_loads(body, 0, NULL);
+		free(body);
+		return srv_respond_json(r, c, doc);
+	}
 	return srv_respond(r, c, MHD_HTTP_OK, "application/json", body, strlen(body));
 }
 
@@ -205,8 +215,12 @@ static int limits_field(ib_limits *out, json_t *msg, const ib_limits *server)
 	if (!json_is_object(v))
 		return ib_error_set("limits: must be an object, not %s", ib_field_type_name(v));
 	json_object_foreach(v, name, x) {
+		if (json_is_null(x))
+			continue; /* the server's */
 		if (json_is_integer(x) && json_integer_value(x) >= 0)
 			snprintf(buf, sizeof(buf), "%" JSON_INTEGER_FORMAT, json_integer_value(x));
+		else if (json_is_real(x) && json_real_value(x) >= 0 && json_real_value(x) < 1e15)
+			snprintf(buf, sizeof(buf), "%.3f", json_real_value(x)); /* cpus: 1.5 */
 		else if (json_is_string(x) && json_string_length(x) < sizeof(buf))
 			snprintf(buf, sizeof(buf), "%s", json_string_value(x));
 		else
@@ -323,6 +337,18 @@ static const char *build_id_arg(req *r, struct MHD_Connection *c, json_t *msg, e
 	return id;
 }
 
+/* The base URL of rootfs and log links: --public-url, else the Host the client used. */
+static char *base_url(req *r, struct MHD_Connection *c)
+{
+	const char *host = srv_header_value(c, MHD_HTTP_HEADER_HOST);
+
+	if (r->srv->public_url)
+		return ib_xstrdup(r->srv->public_url);
+	if (host && *host && strlen(host) < 256 && !strpbrk(host, "/\\ \"<>"))
+		return ib_xasprintf("http://%s", host);
+	return ib_xstrdup("");
+}
+
 static enum MHD_Result rpc_get_build(req *r, struct MHD_Connection *c, json_t *msg)
 {
 	ib_server *srv = r->srv;
@@ -330,6 +356,7 @@ static enum MHD_Result rpc_get_build(req *r, struct MHD_Connection *c, json_t *m
 	enum MHD_Result ret;
 	const char *id = build_id_arg(r, c, msg, &ret);
 	json_t *doc = NULL;
+	char *base;
 	job *j;
 	int rc;
 
@@ -349,7 +376,10 @@ static enum MHD_Result rpc_get_build(req *r, struct MHD_Connection *c, json_t *m
 	}
 	snprintf(r->image_id, sizeof(r->image_id), "%s", json_string_value(json_object_get(doc, "image_id")));
 	json_object_set_new(doc, "log_bytes", json_integer((json_int_t)srv_log_size(srv, id)));
-	json_object_set_new(doc, "log_url", json_sprintf("/v1/builds/%s/logs", id));
+	/* absolute, like rootfs_url */
+	base = base_url(r, c);
+	json_object_set_new(doc, "log_url", json_sprintf("%s/v1/builds/%s/logs", base, id));
+	free(base);
 	return srv_respond_json(r, c, doc);
 }
 
@@ -384,18 +414,6 @@ static enum MHD_Result rpc_cancel_build(req *r, struct MHD_Connection *c, json_t
 	ret = srv_cancel_answer(r, c, rec.status);
 	ib_build_record_clear(&rec);
 	return ret;
-}
-
-/* The base URL of rootfs links: --public-url, else the Host the client used. */
-static char *base_url(req *r, struct MHD_Connection *c)
-{
-	const char *host = srv_header_value(c, MHD_HTTP_HEADER_HOST);
-
-	if (r->srv->public_url)
-		return ib_xstrdup(r->srv->public_url);
-	if (host && *host && strlen(host) < 256 && !strpbrk(host, "/\\ \"<>"))
-		return ib_xasprintf("http://%s", host);
-	return ib_xstrdup("");
 }
 
 static enum MHD_Result rpc_get_image(req *r, struct MHD_Connection *c, json_t *msg)
@@ -465,9 +483,19 @@ enum MHD_Result srv_dispatch_rpc(req *r, struct MHD_Connection *c, rpc_kind k, c
 	json_error_t jerr;
 	enum MHD_Result ret;
 
+	r->rpc = (int)k;
 	/* An empty body is the empty message, as in Connect. */
 	if (len == 0) {
 		msg = json_object();
+	} else if (r->proto) {
+		ProtobufCMessage *m = protobuf_c_message_unpack(srv_rpcs[k].in, NULL, len, (const uint8_t *)data);
+		if (!m)
+			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: not a valid %s message",
+						 srv_rpcs[k].in->name);
+		msg = srv_pb_to_json(m);
+		protobuf_c_message_free_unpacked(m, NULL);
+		if (!msg)
+			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: %s", ib_error_last());
 	} else {
 		msg = json_loadb(data, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
 		if (!msg)

@@ -18,6 +18,7 @@
  * Everything a job has that changes (status, the queue links, refs) is
  * guarded by srv->mu; the layer states inside job->b by the build itself.
  */
+#include <imagebuilder/v1/imagebuilder.pb-c.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <pthread.h>
@@ -33,6 +34,7 @@
 #include "server/builds.h"
 #include "server/httputil.h"
 #include "server/metrics.h"
+#include "server/pbjson.h"
 #include "server/server.h"
 #include "spec/spec.h"
 
@@ -96,6 +98,8 @@ typedef struct req {
 	ib_endpoint ep;
 	ib_buf body;
 	bool too_large;
+	bool proto;          /* the request came, and the answer goes, as binary Protobuf */
+	int rpc;             /* rpc_kind of an RPC request */
 	bool have_digest;
 	unsigned char digest[IB_SHA256_LEN]; /* of a BuildImage body */
 	unsigned status;     /* HTTP status queued, 0 none */
@@ -186,6 +190,7 @@ typedef struct srv_rpc {
 	const char *name;
 	ib_endpoint ep;
 	bool side_effect_free; /* may come as a Connect GET */
+	const ProtobufCMessageDescriptor *in, *out; /* its messages (proto/imagebuilder/v1) */
 } srv_rpc;
 
 extern const srv_rpc srv_rpcs[];

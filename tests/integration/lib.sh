@@ -126,3 +126,23 @@ script_spec() {
 	$PY -c 'import json,sys; print(json.dumps({"base": sys.argv[2], "steps": [{"run_commands": [open(sys.argv[1]).read()]}]}))' \
 		"$1" "${2:-debian_amd64}"
 }
+
+# npm_tool PACKAGE@VERSION BIN: a client from the npm registry, installed
+# once into $IB_TEST_BUILD/npm (install-deps installs npm); prints the
+# path of its BIN.  Exits 77 (skip), saying why, only when the registry
+# cannot be reached.
+npm_tool() {
+	dir="$IB_TEST_BUILD/npm"
+	if [ ! -x "$dir/node_modules/.bin/$2" ]; then
+		command -v npm >/dev/null || fail "npm is not installed (scripts/install-deps.sh installs it)"
+		mkdir -p "$dir"
+		if ! npm install --prefix "$dir" --no-audit --no-fund --silent "$1" >"$T/npm.log" 2>&1; then
+			if grep -qiE 'ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ETIMEDOUT|ECONNRESET|network' "$T/npm.log"; then
+				echo "skip: the npm registry cannot be reached: $(tail -1 "$T/npm.log")"
+				exit 77
+			fi
+			fail "npm install $1: $(tail -3 "$T/npm.log")"
+		fi
+	fi
+	echo "$dir/node_modules/.bin/$2"
+}
