@@ -493,8 +493,7 @@ static int build_step(struct run_ctx *rc, size_t index, const char *upper, const
 	if (!err && dir)
 		err = ib_tree_copy(dir_upper, upper, walk);
 	if (dir) {
-		uint64_t bytes = err ? 0 : ib_du(dir);
-		int rerr = ib_disk_release(&rc->disk, dir, bytes);
+		int rerr = ib_disk_release(&rc->disk, dir);
 		if (!err)
 			err = rerr;
 	}

@@ -139,10 +139,23 @@ int ib_disk_open(ib_disk *d, const char *dir, uint64_t size)
 	return err;
 }
 
+/* Bytes and inodes in use on the disk now. */
+static void in_use(const ib_disk *d, uint64_t *bytes, uint64_t *inodes)
+{
+	struct statvfs sv;
+
+	*bytes = *inodes = 0;
+	if (fstatvfs(d->spent_fd, &sv) == 0) {
+		*bytes = (uint64_t)(sv.f_blocks - sv.f_bfree) * sv.f_frsize;
+		*inodes = (uint64_t)(sv.f_files - sv.f_ffree);
+	}
+}
+
 int ib_disk_mkdir(ib_disk *d, char **out)
 {
 	char *dir = ib_xasprintf("%s/s%u", d->mnt, d->serial++);
 
+	in_use(d, &d->mark_bytes, &d->mark_inodes);
 	if (mkdir(dir, 0700) < 0) {
 		int err = ib_error_set_errno(errno, "cannot create '%s'", dir);
 		free(dir);
@@ -152,15 +165,21 @@ int ib_disk_mkdir(ib_disk *d, char **out)
 	return 0;
 }
 
-int ib_disk_release(ib_disk *d, const char *dir, uint64_t bytes)
+int ib_disk_release(ib_disk *d, const char *dir)
 {
-	int err = ib_rm_rf(dir);
-
+	uint64_t bytes, inodes, by_inodes;
 	struct statvfs sv;
+	int err;
 
-	/* unwritten extents: space taken on the disk, none on the host */
-	if (err || !bytes)
+	/* measured on the disk, not by a walk of the tree: nothing a step made escapes the count */
+	in_use(d, &bytes, &inodes);
+	bytes = bytes > d->mark_bytes ? bytes - d->mark_bytes : 0;
+	by_inodes = inodes > d->mark_inodes ? (inodes - d->mark_inodes) * 4096 : 0;
+	if (by_inodes > bytes)
+		bytes = by_inodes;
+	if ((err = ib_rm_rf(dir)) < 0 || !bytes)
 		return err;
+	/* unwritten extents: space taken on the disk, none on the host */
 	if (fallocate(d->spent_fd, 0, (off_t)d->spent, (off_t)bytes) < 0 && errno == ENOSPC &&
 	    fstatvfs(d->spent_fd, &sv) == 0) {
 		/* more than is left: all of it is spent */

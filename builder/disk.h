@@ -23,6 +23,7 @@ typedef struct ib_disk {
 	uint64_t size;
 	uint64_t spent; /* bytes of finished steps, held by a fallocated file */
 	int spent_fd;
+	uint64_t mark_bytes, mark_inodes; /* in use when the step's dir was made */
 	unsigned serial; /* for step dirs */
 } ib_disk;
 
@@ -42,8 +43,12 @@ int ib_disk_open(ib_disk *d, const char *dir, uint64_t size);
 /* A new empty directory on the disk for one step (allocated). */
 int ib_disk_mkdir(ib_disk *d, char **out);
 
-/* The step's dir is done with: remove it, its bytes stay spent. */
-int ib_disk_release(ib_disk *d, const char *dir, uint64_t bytes);
+/*
+ * The step's dir is done with: what the disk lost since ib_disk_mkdir
+ * (blocks, or 4 KiB an inode where that is more: every name costs) stays
+ * spent, then the dir is removed.
+ */
+int ib_disk_release(ib_disk *d, const char *dir);
 
 /* True when the disk is (nearly) full: the likely cause of a step's failure. */
 bool ib_disk_full(const ib_disk *d);

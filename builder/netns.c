@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fib_rules.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
 #include <net/if.h>
@@ -38,31 +39,32 @@ int ib_netns_lo_up(void)
 
 /* ---- routes over rtnetlink ---- */
 
-struct rtreq {
+struct rulereq {
 	struct nlmsghdr nh;
-	struct rtmsg rt;
+	struct fib_rule_hdr frh;
 	char attrs[64];
 };
 
-static void add_attr(struct rtreq *r, unsigned short type, const void *data, size_t len)
+/* An attribute after the request's header (whose buffer has room: attrs[] above). */
+static void add_attr(struct nlmsghdr *nh, unsigned short type, const void *data, size_t len)
 {
-	struct rtattr *a = (struct rtattr *)((char *)r + NLMSG_ALIGN(r->nh.nlmsg_len));
+	struct rtattr *a = (struct rtattr *)((char *)nh + NLMSG_ALIGN(nh->nlmsg_len));
 
 	a->rta_type = type;
 	a->rta_len = (unsigned short)RTA_LENGTH(len);
 	memcpy(RTA_DATA(a), data, len);
-	r->nh.nlmsg_len = NLMSG_ALIGN(r->nh.nlmsg_len) + RTA_ALIGN(a->rta_len);
+	nh->nlmsg_len = NLMSG_ALIGN(nh->nlmsg_len) + RTA_ALIGN(a->rta_len);
 }
 
 /* Send one request, read its acknowledgement: 0, or an errno. */
-static int talk(int fd, struct rtreq *r)
+static int talk(int fd, struct nlmsghdr *nh)
 {
 	struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
 	char buf[1024];
 	ssize_t n;
 
-	r->nh.nlmsg_flags |= NLM_F_REQUEST | NLM_F_ACK;
-	if (sendto(fd, r, r->nh.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0)
+	nh->nlmsg_flags |= NLM_F_REQUEST | NLM_F_ACK;
+	if (sendto(fd, nh, nh->nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0)
 		return errno;
 	while ((n = recv(fd, buf, sizeof(buf), 0)) < 0)
 		if (errno != EINTR)
@@ -73,67 +75,43 @@ static int talk(int fd, struct rtreq *r)
 	return 0;
 }
 
-static void route_req(struct rtreq *r, unsigned char type, const struct in_addr *dst, unsigned char prefix)
+/* A policy rule: to dst/prefix, action (FR_ACT_TO_TBL main, FR_ACT_UNREACHABLE), at priority. */
+static int rule(int fd, const struct in_addr *dst, unsigned char prefix, unsigned char action, uint32_t priority)
 {
-	memset(r, 0, sizeof(*r));
-	r->nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct rtmsg));
-	r->nh.nlmsg_type = RTM_NEWROUTE;
-	r->nh.nlmsg_flags = NLM_F_CREATE | NLM_F_REPLACE;
-	r->rt.rtm_family = AF_INET;
-	r->rt.rtm_table = RT_TABLE_MAIN;
-	r->rt.rtm_protocol = RTPROT_STATIC;
-	r->rt.rtm_scope = type == RTN_UNICAST ? RT_SCOPE_UNIVERSE : RT_SCOPE_NOWHERE;
-	r->rt.rtm_type = type;
-	r->rt.rtm_dst_len = prefix;
-	add_attr(r, RTA_DST, dst, sizeof(*dst));
-}
+	struct rulereq r;
 
-/* The default route's gateway and interface, from /proc/net/route (this namespace's). */
-static int default_route(struct in_addr *gw, unsigned *ifindex)
-{
-	FILE *f = fopen("/proc/net/route", "re");
-	char line[256], name[IF_NAMESIZE + 1];
-	unsigned dst, gateway, flags;
-	int found = 0;
-
-	if (!f)
-		return ib_error_set_errno(errno, "cannot read the step's routes");
-	while (!found && fgets(line, sizeof(line), f))
-		if (sscanf(line, "%16s %x %x %x", name, &dst, &gateway, &flags) == 4 && dst == 0 && gateway)
-			found = 1;
-	fclose(f);
-	if (!found)
-		return ib_error_set("the step's network has no default route (pasta did not configure it)");
-	gw->s_addr = gateway;
-	if (!(*ifindex = if_nametoindex(name)))
-		return ib_error_set_errno(errno, "no interface '%s' in the step's network", name);
-	return 0;
+	memset(&r, 0, sizeof(r));
+	r.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct fib_rule_hdr));
+	r.nh.nlmsg_type = RTM_NEWRULE;
+	r.nh.nlmsg_flags = NLM_F_CREATE | NLM_F_EXCL;
+	r.frh.family = AF_INET;
+	r.frh.dst_len = prefix;
+	r.frh.action = action;
+	r.frh.table = action == FR_ACT_TO_TBL ? RT_TABLE_MAIN : RT_TABLE_UNSPEC;
+	add_attr(&r.nh, FRA_DST, dst, sizeof(*dst));
+	add_attr(&r.nh, FRA_PRIORITY, &priority, sizeof(priority));
+	return talk(fd, &r.nh);
 }
 
 int ib_netns_close_link_local(const char *dns)
 {
-	struct in_addr ll, dnsaddr, gw = { 0 };
-	struct rtreq r;
-	unsigned ifindex = 0;
-	int fd, e, err;
+	struct in_addr ll, dnsaddr;
+	int fd, e, err = 0;
 
 	if (inet_pton(AF_INET, "169.254.0.0", &ll) != 1 || inet_pton(AF_INET, dns, &dnsaddr) != 1)
 		return ib_error_set("bad address '%s'", dns);
-	if ((err = default_route(&gw, &ifindex)) < 0)
-		return err;
 	fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
 	if (fd < 0)
 		return ib_error_set_errno(errno, "no rtnetlink in the step's network namespace");
-	route_req(&r, RTN_UNREACHABLE, &ll, 16);
-	if ((e = talk(fd, &r)))
+	/*
+	 * Rules, looked at before any routing table: whatever routes pasta
+	 * sets up later (a host's more specific 169.254.169.254/32 among
+	 * them), link-local stays unreachable but for the resolver.
+	 */
+	if ((e = rule(fd, &dnsaddr, 32, FR_ACT_TO_TBL, 100)))
+		err = ib_error_set_errno(e, "cannot route %s", dns);
+	else if ((e = rule(fd, &ll, 16, FR_ACT_UNREACHABLE, 101)))
 		err = ib_error_set_errno(e, "cannot make 169.254.0.0/16 unreachable");
-	if (!err) {
-		route_req(&r, RTN_UNICAST, &dnsaddr, 32);
-		add_attr(&r, RTA_GATEWAY, &gw, sizeof(gw));
-		add_attr(&r, RTA_OIF, &ifindex, sizeof(ifindex));
-		if ((e = talk(fd, &r)))
-			err = ib_error_set_errno(e, "cannot route %s", dns);
-	}
 	close(fd);
 	return err;
 }
@@ -166,12 +144,12 @@ static char *log_tail(const char *path)
 	return text;
 }
 
-int ib_pasta_start(ib_pasta *p, const char *pasta, pid_t target, const char *scratch, const uint16_t *ports,
+int ib_pasta_start(ib_pasta *p, const char *pasta, int netns_fd, const char *scratch, const uint16_t *ports,
 		   size_t nports, const char *dns)
 {
 	ib_strv argv = IB_STRV_INIT;
 	ib_buf spec = IB_BUF_INIT;
-	char *pidtext = NULL, nspath[64];
+	char *pidtext = NULL;
 	size_t len = 0;
 	int ws = 0, err = 0, logfd, nsfd = -1;
 	pid_t pid;
@@ -204,8 +182,7 @@ int ib_pasta_start(ib_pasta *p, const char *pasta, pid_t target, const char *scr
 	 * The namespace as an fd it inherits: pasta drops capabilities before
 	 * it opens the path, and may then not look into the target's /proc.
 	 */
-	snprintf(nspath, sizeof(nspath), "/proc/%d/ns/net", (int)target);
-	nsfd = open(nspath, O_RDONLY | O_CLOEXEC);
+	nsfd = fcntl(netns_fd, F_DUPFD_CLOEXEC, 0);
 	if (nsfd < 0) {
 		err = ib_error_set_errno(errno, "cannot open the step's network namespace");
 		goto out;

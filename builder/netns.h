@@ -21,9 +21,10 @@
 int ib_netns_lo_up(void);
 
 /*
- * In the namespace, after pasta configured it: make 169.254.0.0/16
+ * In the namespace, before pasta: policy rules that make 169.254.0.0/16
  * unreachable, but for dns (the address pasta forwards to the host's
- * resolver), routed through the default gateway.
+ * resolver), looked up in the main table (pasta's default route).  Rules
+ * come before every table, so no route pasta adds gets around them.
  */
 int ib_netns_close_link_local(const char *dns);
 
@@ -36,12 +37,12 @@ typedef struct ib_pasta {
 void ib_pasta_init(ib_pasta *p);
 
 /*
- * Attach pasta to the network namespace of process target and configure
+ * Attach pasta to the network namespace open as netns_fd and configure
  * it (address, routes, as the host's), forwarding the host loopback TCP
  * ports[0..nports) and dns; returns once the namespace is ready.  Its
  * messages go to scratch/pasta.log, quoted in the error when it fails.
  */
-int ib_pasta_start(ib_pasta *p, const char *pasta, pid_t target, const char *scratch, const uint16_t *ports,
+int ib_pasta_start(ib_pasta *p, const char *pasta, int netns_fd, const char *scratch, const uint16_t *ports,
 		   size_t nports, const char *dns);
 
 /* Stop it (it also ends when the namespace does). */

@@ -552,7 +552,11 @@ static void __attribute__((noreturn)) sandbox_init(struct sandbox *sb)
 		report_setup(sb, 0, "%s", ib_error_last());
 		_exit(2);
 	}
-	/* the rest of the network comes at the step's first socket (the builder attaches pasta) */
+	/* link-local stays closed whatever pasta adds; pasta itself comes at the step's first socket */
+	if (ib_netns_close_link_local(IB_SANDBOX_DNS) < 0) {
+		report_setup(sb, 0, "%s", ib_error_last());
+		_exit(2);
+	}
 	/* from here on, no privilege on the host: a user namespace whose root is the idmap range */
 	if (unshare(CLONE_NEWUSER) < 0) {
 		report_setup(sb, errno, "cannot create the step's user namespace");
@@ -657,6 +661,7 @@ struct run_state {
 	pid_t c, b;
 	int killed;
 	int listener;  /* the step's seccomp listener, once ib-sandbox sent it */
+	int netns;     /* the step's network namespace, opened while B was known alive */
 	bool net_up;   /* pasta is attached */
 	char *net_err; /* why it could not be (the step was killed) */
 	ib_pasta pasta;
@@ -741,48 +746,9 @@ static int recv_status(int fd, struct ib_sandbox_status *st, int *listener)
 	return 0;
 }
 
-/* In a child that enters the step's network: refuse link-local but the resolver's address. */
-static int close_link_local(pid_t b)
-{
-	char path[64], msg[512] = "";
-	int fd, p[2], ws = 0, err = 0;
-	pid_t pid;
-
-	snprintf(path, sizeof(path), "/proc/%d/ns/net", (int)b);
-	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
-		return ib_error_set_errno(errno, "cannot open the step's network namespace");
-	if (pipe2(p, O_CLOEXEC) < 0) {
-		close(fd);
-		return ib_error_set_errno(errno, "cannot create a pipe");
-	}
-	pid = fork();
-	if (pid == 0) {
-		/* /proc/net is the netns of the reading process: this one, from here on */
-		if (setns(fd, CLONE_NEWNET) < 0)
-			_exit((dprintf(p[1], "cannot enter the step's network: %s", strerror(errno)), 1));
-		if (ib_netns_close_link_local(IB_SANDBOX_DNS) < 0)
-			_exit((dprintf(p[1], "%s", ib_error_last()), 1));
-		_exit(0);
-	}
-	close(fd);
-	close(p[1]);
-	if (pid < 0) {
-		close(p[0]);
-		return ib_error_set_errno(errno, "cannot fork");
-	}
-	if (read(p[0], msg, sizeof(msg) - 1) < 0)
-		msg[0] = '\0';
-	close(p[0]);
-	while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
-		;
-	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0)
-		err = ib_error_set("%s", *msg ? msg : "cannot close link-local addresses in the step's network");
-	return err;
-}
-
 /*
- * A socket() of the step: attach the network at the first (pasta, then
- * link-local closed), then let the call go on.  When the network cannot be
+ * A socket() of the step: attach the network at the first (pasta; B
+ * closed link-local already), then let the call go on.  When the network cannot be
  * had, the step is killed and the build fails saying why.
  */
 static void answer_notification(struct run_state *rs)
@@ -799,10 +765,8 @@ static void answer_notification(struct run_state *rs)
 	if (ioctl(rs->listener, SECCOMP_IOCTL_NOTIF_RECV, n) < 0)
 		goto out; /* the caller is gone (ENOENT), or the step is */
 	if (!rs->net_up && !rs->net_err) {
-		int err = ib_pasta_start(&rs->pasta, req->sandbox->pasta, rs->b, req->scratch, req->sandbox->ports,
+		int err = ib_pasta_start(&rs->pasta, req->sandbox->pasta, rs->netns, req->scratch, req->sandbox->ports,
 					 req->sandbox->nports, IB_SANDBOX_DNS);
-		if (!err)
-			err = close_link_local(rs->b);
 		if (err) {
 			rs->net_err = ib_xstrdup(ib_error_last());
 			if (rs->b > 0)
@@ -836,6 +800,13 @@ static int serve_sandbox(struct run_state *rs, int sync_r, int go_w)
 	if (read_sync(rs, sync_r, msg, sizeof(msg)) < 0 || msg[0] != 'p')
 		return 1;
 	memcpy(&rs->b, msg + 1, sizeof(pid_t));
+	{
+		/* B's network namespace, held from now on: pasta gets this one, whatever becomes of the pid */
+		char path[64];
+		snprintf(path, sizeof(path), "/proc/%d/ns/net", (int)rs->b);
+		if ((rs->netns = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+			return ib_error_set_errno(errno, "cannot open the step's network namespace");
+	}
 	if (write(go_w, "y", 1) != 1)
 		return 1;
 	/* user namespace */
@@ -856,7 +827,7 @@ static int namespace_run(const ib_run_req *req)
 {
 	struct sandbox sb = { .req = req, .out_w = -1, .status_w = -1, .stdin_r = -1, .sync_w = -1, .go_r = -1,
 			      .plan_fd = -1, .helper_fd = -1, .idmap_fd = -1 };
-	struct run_state rs = { .req = req, .c = -1, .b = -1, .listener = -1 };
+	struct run_state rs = { .req = req, .c = -1, .b = -1, .listener = -1, .netns = -1 };
 	struct ib_sandbox_status st;
 	int out[2] = { -1, -1 }, status[2] = { -1, -1 }, in[2] = { -1, -1 }, sync[2] = { -1, -1 }, go[2] = { -1, -1 };
 	int err = 0, ws = 0, setup_err = 0;
@@ -1022,6 +993,8 @@ out:
 	free(rs.net_err);
 	if (rs.listener >= 0)
 		close(rs.listener);
+	if (rs.netns >= 0)
+		close(rs.netns);
 	ib_pasta_stop(&rs.pasta);
 	for (int i = 0; i < 2; i++) {
 		int *all[] = { out, status, in, sync, go };

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <seccomp.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -47,25 +48,102 @@ static const char *const denied[] = {
 	((scmp_datum_t)(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | \
 			CLONE_NEWNET | CLONE_NEWCGROUP | 0x00000080 /* CLONE_NEWTIME */))
 
-static int add_arches(scmp_filter_ctx ctx)
-{
-	uint32_t native = seccomp_arch_native();
-	int rc = 0;
-
-	/* 32-bit programs in the image are filtered too, not left to the bad-arch action */
-	if (native == SCMP_ARCH_X86_64) {
-		if ((rc = seccomp_arch_add(ctx, SCMP_ARCH_X86)) == 0)
-			rc = seccomp_arch_add(ctx, SCMP_ARCH_X32);
-	} else if (native == SCMP_ARCH_AARCH64) {
-		rc = seccomp_arch_add(ctx, SCMP_ARCH_ARM);
-	}
-	return rc == -EEXIST ? 0 : rc;
-}
-
 static const scmp_datum_t ns_flags[] = {
 	CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP,
 	0x00000080 /* CLONE_NEWTIME */,
 };
+
+/* The rules, for the architectures of ctx. */
+static int add_rules(scmp_filter_ctx ctx, bool vsock, const char **what)
+{
+	int rc;
+
+	/* a denied syscall fails with EPERM; names this libseccomp or architecture lacks are skipped */
+	for (size_t i = 0; i < sizeof(denied) / sizeof(denied[0]); i++) {
+		int nr = seccomp_syscall_resolve_name(denied[i]);
+		if (nr == __NR_SCMP_ERROR)
+			continue;
+		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0)) < 0 && rc != -EDOM) {
+			*what = denied[i];
+			return rc;
+		}
+	}
+	/* no new namespace: clone and unshare by flag; clone3 keeps its flags in memory, so it is
+	 * "not implemented" and the C library falls back to clone */
+	for (size_t i = 0; i < sizeof(ns_flags) / sizeof(ns_flags[0]); i++) {
+		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(unshare), 1,
+					   SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]))) < 0 ||
+		    (rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
+					   SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]))) < 0) {
+			*what = "clone/unshare";
+			return rc;
+		}
+	}
+	if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0)) < 0 && rc != -EDOM) {
+		*what = "clone3";
+		return rc;
+	}
+	/*
+	 * The step's first IPv4 or IPv6 socket asks the builder (user
+	 * notification) to attach the network; the call then goes on as it
+	 * was.  Steps that never open one never pay for pasta.
+	 */
+	for (size_t i = 0; i < 2; i++) {
+		scmp_datum_t family = i ? AF_INET6 : AF_INET;
+		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, family))) < 0) {
+			*what = "socket";
+			return rc;
+		}
+	}
+	/*
+	 * vsock reaches the hypervisor and the host whatever the network
+	 * namespace (Docker denies it too).  Not where socket() is multiplexed
+	 * (x86-32's socketcall: the family is in memory, out of reach).
+	 */
+	if (vsock &&
+	    (rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, AF_VSOCK))) < 0) {
+		*what = "socket(AF_VSOCK)";
+		return rc;
+	}
+	/* 32-bit x86: socket(2) through socketcall(SYS_SOCKET, args), whose family is out of reach */
+	if ((rc = seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(socketcall), 1, SCMP_A0(SCMP_CMP_EQ, 1))) < 0 &&
+	    rc != -EDOM) {
+		*what = "socketcall";
+		return rc;
+	}
+	return 0;
+}
+
+/*
+ * 32-bit programs in the image are filtered too, not left to the bad-arch
+ * action: each compatible architecture gets the rules in a filter of its
+ * own, merged into ctx (x86-32 without the vsock rule, see above).
+ */
+static int add_compat(scmp_filter_ctx ctx, const char **what)
+{
+	uint32_t native = seccomp_arch_native(), compat[2] = { 0, 0 };
+	int rc = 0;
+
+	if (native == SCMP_ARCH_X86_64) {
+		compat[0] = SCMP_ARCH_X86;
+		compat[1] = SCMP_ARCH_X32;
+	} else if (native == SCMP_ARCH_AARCH64) {
+		compat[0] = SCMP_ARCH_ARM;
+	}
+	for (size_t i = 0; i < 2 && compat[i] && rc == 0; i++) {
+		scmp_filter_ctx c = seccomp_init(SCMP_ACT_ALLOW);
+
+		*what = "add an architecture";
+		if (!c)
+			return -ENOMEM;
+		if ((rc = seccomp_arch_add(c, compat[i])) == 0 && (rc = seccomp_arch_remove(c, SCMP_ARCH_NATIVE)) == 0 &&
+		    (rc = add_rules(c, compat[i] != SCMP_ARCH_X86, what)) == 0 && (rc = seccomp_merge(ctx, c)) == 0)
+			continue; /* merged: ctx owns it */
+		seccomp_release(c);
+	}
+	return rc;
+}
+
 
 static int build(char **out, size_t *out_len)
 {
@@ -76,53 +154,10 @@ static int build(char **out, size_t *out_len)
 
 	if (!ctx)
 		return ib_error_set("seccomp: cannot start a filter");
-	if ((rc = add_arches(ctx)) < 0) {
-		what = "add architectures";
+	if ((rc = add_rules(ctx, true, &what)) < 0)
 		goto fail;
-	}
-	/* a denied syscall fails with EPERM; names this libseccomp or architecture lacks are skipped */
-	for (size_t i = 0; i < sizeof(denied) / sizeof(denied[0]); i++) {
-		int nr = seccomp_syscall_resolve_name(denied[i]);
-		if (nr == __NR_SCMP_ERROR)
-			continue;
-		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0)) < 0 && rc != -EDOM) {
-			what = denied[i];
-			goto fail;
-		}
-	}
-	/* no new namespace: clone and unshare by flag; clone3 keeps its flags in memory, so it is
-	 * "not implemented" and the C library falls back to clone */
-	for (size_t i = 0; i < sizeof(ns_flags) / sizeof(ns_flags[0]); i++) {
-		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(unshare), 1,
-					   SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]))) < 0 ||
-		    (rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
-					   SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]))) < 0) {
-			what = "clone/unshare";
-			goto fail;
-		}
-	}
-	if ((rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0)) < 0 && rc != -EDOM) {
-		what = "clone3";
+	if ((rc = add_compat(ctx, &what)) < 0)
 		goto fail;
-	}
-	/*
-	 * The step's first IPv4 or IPv6 socket asks the builder (user
-	 * notification) to attach the network; the call then goes on as it
-	 * was.  Steps that never open one never pay for pasta.
-	 */
-	for (size_t i = 0; i < 2; i++) {
-		scmp_datum_t family = i ? AF_INET6 : AF_INET;
-		if ((rc = seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, family))) < 0) {
-			what = "socket";
-			goto fail;
-		}
-	}
-	/* 32-bit x86: socket(2) through socketcall(SYS_SOCKET, args), whose family is out of reach */
-	if ((rc = seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(socketcall), 1, SCMP_A0(SCMP_CMP_EQ, 1))) < 0 &&
-	    rc != -EDOM) {
-		what = "socketcall";
-		goto fail;
-	}
 	fd = memfd_create("ib-seccomp", MFD_CLOEXEC);
 	if (fd < 0) {
 		err = ib_error_set_errno(errno, "seccomp: cannot create a memfd");

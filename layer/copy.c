@@ -34,6 +34,7 @@ struct copy_state {
 	int fds[IB_TREE_DEPTH_MAX + 2]; /* per depth: the dst directory being filled */
 	struct link *links;             /* open addressing, cap a power of two */
 	size_t nlinks, cap;
+	size_t link_bytes;              /* of the paths kept, at most IB_TREE_LINK_NAMES_MAX */
 	char *xval;
 };
 
@@ -46,10 +47,11 @@ static struct link *link_slot(struct copy_state *cs, dev_t dev, ino_t ino)
 	return &cs->links[i];
 }
 
-/* The path of an earlier name of e's inode, or NULL (e is then remembered). */
-static const char *first_link(struct copy_state *cs, const ib_walk_entry *e)
+/* The path of an earlier name of e's inode, or NULL (e is then remembered); *err on too many. */
+static const char *first_link(struct copy_state *cs, const ib_walk_entry *e, int *err)
 {
 	struct link *slot;
+	size_t len = strlen(e->path) + 1;
 
 	if (cs->nlinks * 2 >= cs->cap) {
 		struct link *old = cs->links;
@@ -65,6 +67,11 @@ static const char *first_link(struct copy_state *cs, const ib_walk_entry *e)
 	slot = link_slot(cs, e->st.st_dev, e->st.st_ino);
 	if (slot->path)
 		return slot->path;
+	if ((cs->link_bytes += len) > IB_TREE_LINK_NAMES_MAX) {
+		*err = ib_error_set("'%.200s' in %s: more than %d MiB of hard-linked names (IB_TREE_LINK_NAMES_MAX)",
+				    e->path, cs->dst, IB_TREE_LINK_NAMES_MAX >> 20);
+		return NULL;
+	}
 	*slot = (struct link){ .dev = e->st.st_dev, .ino = e->st.st_ino, .path = ib_xstrdup(e->path) };
 	cs->nlinks++;
 	return NULL;
@@ -167,6 +174,7 @@ static int copy_enter(void *arg, const ib_walk_entry *e)
 	struct copy_state *cs = arg;
 	int parent = e->depth ? cs->fds[e->depth - 1] : -1;
 	const char *first;
+	int err = 0;
 
 	if (S_ISDIR(e->st.st_mode)) {
 		int fd;
@@ -185,7 +193,9 @@ static int copy_enter(void *arg, const ib_walk_entry *e)
 		cs->fds[e->depth] = fd;
 		return 0;
 	}
-	if (e->st.st_nlink > 1 && (first = first_link(cs, e))) {
+	if (e->st.st_nlink > 1 && ((first = first_link(cs, e, &err)) || err)) {
+		if (err)
+			return err;
 		if (linkat(cs->fds[0], first, parent, e->name, 0) < 0)
 			return ib_error_set_errno(errno, "cannot link '%s' to '%s' in %s", e->path, first, cs->dst);
 		return 0;

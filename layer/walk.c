@@ -189,6 +189,11 @@ int ib_walk(const char *root, const ib_walk_opts *opts, const ib_walk_ops *ops, 
 		if (path.len)
 			ib_buf_puts(&path, "/");
 		ib_buf_puts(&path, name);
+		if (path.len >= IB_TREE_PATH_MAX) {
+			err = ib_error_set("'%.200s...' in %s is a path longer than %d bytes (IB_TREE_PATH_MAX)", path.ptr,
+					   what, IB_TREE_PATH_MAX);
+			goto out;
+		}
 		e = (ib_walk_entry){ .dirfd = f->fd, .name = name, .path = path.ptr, .fd = -1, .depth = depth + 1 };
 		if (fstatat(f->fd, name, &e.st, AT_SYMLINK_NOFOLLOW) < 0) {
 			err = ib_error_set_errno(errno, "cannot stat '%s' in %s", path.ptr, what);

@@ -29,6 +29,8 @@
 /* What a step leaves: every walk of a layer (sealing, digests, export) stops at these. */
 #define IB_TREE_DEPTH_MAX	256		/* directories nested in a layer */
 #define IB_TREE_ENTRIES_MAX	(4 * 1024 * 1024) /* names in one layer */
+#define IB_TREE_PATH_MAX	4096		/* bytes of a path in a layer, like PATH_MAX */
+#define IB_TREE_LINK_NAMES_MAX	(64 << 20)	/* bytes of hard-linked names a tree copy remembers */
 
 /* The BuildImage service (imagebuilder serve). */
 #define IB_SERVE_BODY_MAX	(IB_SPEC_MAX_BYTES + 64 * 1024) /* one RPC request body */

@@ -84,6 +84,13 @@ enum MHD_Result srv_send(req *r, struct MHD_Connection *c, unsigned status, stru
 
 	if (!resp)
 		return MHD_NO;
+	if (r->read_first && r->phase == PHASE_NEW) {
+		/* answered from the headers: read (and drop) the body first, then send it */
+		r->deferred = resp;
+		r->deferred_status = status;
+		r->phase = PHASE_BODY;
+		return MHD_YES;
+	}
 	r->status = status;
 	r->phase = PHASE_DONE;
 	ret = MHD_queue_response(c, status, resp);
@@ -225,8 +232,22 @@ static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *
 	ib_server *srv = r->srv;
 	bool get = !strcmp(method, MHD_HTTP_METHOD_GET), head = !strcmp(method, MHD_HTTP_METHOD_HEAD);
 	bool post = !strcmp(method, MHD_HTTP_METHOD_POST);
-	const char *p;
+	const char *p, *len = srv_header_value(c, MHD_HTTP_HEADER_CONTENT_LENGTH);
+	uint64_t body_len = 0;
 	rpc_kind k;
+
+	/*
+	 * A client that sends a body reads the answer after it has sent it:
+	 * an error found in the headers waits for the body (up to the size an
+	 * RPC may have), so the client never sees its write fail (EPIPE).
+	 */
+	if (!get && !head) {
+		if (len && ib_parse_u64(&body_len, len, UINT64_MAX) < 0) {
+			ib_error_clear();
+			body_len = UINT64_MAX;
+		}
+		r->read_first = body_len <= IB_SERVE_BODY_MAX;
+	}
 
 	if (!strcmp(url, "/healthz")) {
 		bool draining;
@@ -344,6 +365,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		snprintf(r->method, sizeof(r->method), "%s", method);
 		return on_headers(r, c, url, method);
 	case PHASE_BODY:
+		if (r->deferred) {
+			struct MHD_Response *resp = r->deferred;
+			if (*upload_data_size) {
+				*upload_data_size = 0;
+				return MHD_YES;
+			}
+			r->deferred = NULL;
+			r->read_first = false;
+			return srv_send(r, c, r->deferred_status, resp);
+		}
 		if (*upload_data_size) {
 			if (r->body.len + *upload_data_size > IB_SERVE_BODY_MAX)
 				r->too_large = true;
@@ -417,6 +448,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 	seconds = ib_now() - r->t0;
 	if (r->wait_job) /* completed while waiting (the daemon is stopping) */
 		srv_job_unref(srv, r->wait_job);
+	if (r->deferred)
+		MHD_destroy_response(r->deferred);
 	if (r->status) {
 		ib_metrics_request(srv->metrics, r->ep, r->status, seconds);
 		if (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK && (r->ep == IB_EP_ROOTFS || r->ep == IB_EP_LOGS) &&

@@ -98,6 +98,9 @@ typedef struct req {
 	ib_endpoint ep;
 	ib_buf body;
 	bool too_large;
+	bool read_first;     /* an error answered before the body waits for it (no EPIPE for the client) */
+	struct MHD_Response *deferred; /* that answer, sent when the body is in */
+	unsigned deferred_status;
 	bool proto;          /* the request came, and the answer goes, as binary Protobuf */
 	int rpc;             /* rpc_kind of an RPC request */
 	bool have_digest;

@@ -11,6 +11,8 @@
 #   kmsg       the kernel log cannot be read
 #   handle     open_by_handle_at through a bind-mounted file does not reach
 #              the host's file system (a marker file in the cache dir)
+#   vsock      no vsock socket (it reaches the hypervisor and the host
+#              whatever the network namespace)
 . "$(dirname "$0")/lib.sh"
 C="$SHARED_CACHE"
 mkdir -p "$C"
@@ -57,6 +59,8 @@ my \$fd = syscall(304, fileno(\$m), \$h, 0x10000);
 if (\$fd < 0) { print "probe handle=denied\n"; exit }
 open(my \$f, "<", "/proc/self/fd/\$fd/$rel") or do { print "probe handle=opened-root\n"; exit };
 my \$s = <\$f>; chomp \$s; print "probe handle=read:\$s\n";'
+# vsock (family 40) reaches the hypervisor and host whatever the network namespace
+if perl -e 'socket(my \$s, 40, 1, 0) or exit 3' 2>/dev/null; then echo probe vsock=opened; else echo probe vsock=denied; fi
 exit 0
 PROBE
 script_spec "$T/probe.sh" > "$T/spec.json"
@@ -68,10 +72,10 @@ probe() { sed -n "s/^.*probe $1=\([^ ]*\).*$/\1/p" "$T/build.log" | tail -1; }
 bad=""
 um=$(probe uid_map)
 case "$um" in 0:0:*) bad="$bad uid_map=host-root($um)" ;; esac
-for p in mknod sysctl remount cgroupfs kmsg; do
+for p in mknod sysctl remount cgroupfs kmsg vsock; do
 	[ "$(probe $p)" = denied ] || bad="$bad $p=$(probe $p)"
 done
 case "$(probe handle)" in denied|no-mount-fd) ;; *) bad="$bad handle=$(probe handle)" ;; esac
 [ -z "$bad" ] || fail "attacks that worked:$bad"
-ok "uid_map $um; mknod of the host disk, a host sysctl, remounting /sys, a cgroup fs, /dev/kmsg and" \
+ok "uid_map $um; mknod of the host disk, a host sysctl, remounting /sys, a cgroup fs, /dev/kmsg, vsock and" \
 	"open_by_handle_at through a bind mount: all denied"

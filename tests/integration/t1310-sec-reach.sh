@@ -1,6 +1,8 @@
 # Attacks on the builder and the host from a step (harmless probes; each
 # prints "probe NAME=RESULT" into the build log):
 #   loopback   a server on the host's 127.0.0.1 cannot be reached
+#   linklocal  169.254.169.254 (cloud metadata) is unreachable by the step's
+#              own policy rules: the connect fails at once, nothing is sent
 #   environ    the builder's environment (a secret in it) is not inside:
 #              not in PID 1's, nor in any process's
 #   memory     PID 1's memory, file descriptors and executable cannot be read
@@ -25,6 +27,11 @@ if timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/$port && printf "GET /secret.tx
 else
 	echo probe loopback=closed
 fi
+# link-local (cloud metadata): refused by the step's own routing, so no packet leaves (no traffic
+# but loopback: an unreachable destination fails the connect locally, at once)
+perl -MSocket -e 'alarm 5; socket(my \$s, PF_INET, SOCK_STREAM, 0) or die;
+	if (connect(\$s, sockaddr_in(80, inet_aton("169.254.169.254")))) { print "probe linklocal=connected\n" }
+	else { printf "probe linklocal=%s\n", (\$!{ENETUNREACH} || \$!{EHOSTUNREACH}) ? "unreachable" : "errno-" . (\$! + 0) }'
 found=none
 for f in /proc/[0-9]*/environ; do
 	if tr '\0' '\n' < "\$f" 2>/dev/null | grep -q IB_T1310_SECRET; then found="\$f"; fi
@@ -47,6 +54,7 @@ probe() { sed -n "s/^probe $1=\([^ ]*\).*$/\1/p" "$T/probe.txt" | tail -1; }
 grep -q "probe start nonce=$$" "$T/probe.txt" || fail "the probe did not run: $(cat "$T/probe.txt")"
 bad=""
 [ "$(probe loopback)" = closed ] || bad="$bad loopback=$(probe loopback)"
+[ "$(probe linklocal)" = unreachable ] || bad="$bad linklocal=$(probe linklocal)"
 [ "$(probe environ)" = none ] || bad="$bad environ=$(probe environ)"
 [ "$(probe memory)" = denied ] || bad="$bad memory=$(probe memory)"
 

@@ -1,7 +1,9 @@
 # Resource limits (build --memory/--pids/--disk; walks; time):
 #   memory   a step that allocates past --memory fails, and says so
 #   pids     a fork bomb stops at --pids processes
-#   disk     writing past --disk fails naming the limit
+#   disk     writing past --disk fails naming the limit, in one step or
+#            over several (what the build wrote stays counted); a path
+#            longer than PATH_MAX fails naming IB_TREE_PATH_MAX
 #   serve    BuildImage's limits: more than the daemon's is invalid_argument,
 #            less is what the build gets
 #   depth    a tree deeper than the walk limit fails the build with an
@@ -39,6 +41,20 @@ spec1 "dd if=/dev/zero of=/big bs=1M count=400 # $$" > "$T/disk.json"
 rc=$?
 if [ "$rc" = 0 ]; then bad="$bad disk=wrote-400MiB-under-256M"
 elif ! grep -q 'disk limit (--disk 256 MiB)' "$T/disk.log"; then bad="$bad disk=message($(tail -1 "$T/disk.log"))"; fi
+
+# the limit covers the whole build: two steps of 150 MiB under --disk 256M, the second fails
+$PY -c 'import json,sys; print(json.dumps({"base": "debian_amd64", "steps": [
+	{"run_commands": ["dd if=/dev/zero of=/a bs=1M count=150 # " + sys.argv[1]]},
+	{"run_commands": ["dd if=/dev/zero of=/b bs=1M count=150"]}]}))' "$$" > "$T/disk2.json"
+"$IB" build --cache-dir "$C" --disk 256M "$T/disk2.json" >/dev/null 2>"$T/disk2.log"
+rc=$?
+if [ "$rc" = 0 ]; then bad="$bad disk=300MiB-in-two-steps-under-256M"
+elif ! grep -q 'step 2 .*disk limit (--disk 256 MiB)' "$T/disk2.log"; then bad="$bad disk2=message($(tail -1 "$T/disk2.log"))"; fi
+# a path longer than PATH_MAX (20 names of 250 bytes): refused by name, never copied or counted
+long="cd / && perl -e 'for (1 .. 20) { my \$d = sprintf(q(%0250d), \$_); mkdir \$d or die; chdir \$d or die } open(my \$f, q(>), q(f)) or die' # $$"
+spec1 "$long" > "$T/long.json"
+"$IB" build --cache-dir "$C" "$T/long.json" >/dev/null 2>"$T/long.log" && bad="$bad path=built"
+grep -q 'IB_TREE_PATH_MAX' "$T/long.log" || bad="$bad path=message($(tail -1 "$T/long.log"))"
 
 deep="cd / && i=0 && while [ \$i -lt 300 ]; do mkdir d && cd d || exit 1; i=\$((i + 1)); done # $$"
 spec1 "$deep" > "$T/deep.json"

@@ -6,7 +6,9 @@
 #     not_found);
 #   - a body that is not the method's message is invalid_argument, and the
 #     daemon lives on;
-#   - log_url is absolute, like rootfs_url.
+#   - log_url is absolute, like rootfs_url;
+#   - an error found in the headers is answered after the body is read, so
+#     a client sending a large body sees the answer, not EPIPE.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/serve.sh"
 C="$SHARED_CACHE"
@@ -69,5 +71,27 @@ st=$(curl -s -o "$T/out.json" -w '%{http_code}' -X POST -H 'Content-Type: applic
 [ "$st" = 400 ] && [ "$(out 'd["code"]')" = invalid_argument ] || fail "garbage body: $st $(cat "$T/out.json")"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/healthz")" = 200 ] || fail "the daemon is down after garbage"
 ok "a body that is not a GetBuildRequest: invalid_argument; the daemon lives on"
+# an error found in the headers waits for the body: the client's write never fails
+$PY - "$URL" > "$T/epipe.txt" <<'PYEOF' || fail "a client sending a body got: $(cat "$T/epipe.txt")"
+import http.client, sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1])
+body = b"x" * (900 * 1024)
+bad = 0
+for ctype, method, want in (("text/plain", "GetBuild", 415), ("application/json", "NoSuchMethod", 501),
+                            ("application/grpc-web", "GetBuild", 415)):
+    c = http.client.HTTPConnection(u.hostname, u.port)
+    try:
+        c.request("POST", "/imagebuilder.v1.ImageBuilder/" + method, body=body, headers={"Content-Type": ctype})
+        r = c.getresponse()
+        r.read()
+        print(ctype, r.status)
+        bad += r.status != want
+    except OSError as e:
+        print(ctype, "error", e)
+        bad += 1
+    c.close()
+sys.exit(1 if bad else 0)
+PYEOF
+ok "900 KiB bodies with a wrong content type or method: 415/501 read after the body, no EPIPE"
 serve_stop
 [ "$SERVE_RC" = 0 ] || fail "serve exited $SERVE_RC"
