@@ -43,6 +43,13 @@ if [ ! -x "$root/usr/bin/make" ]; then
 fi
 rm -rf "$root/root/imagebuilder"
 git clone -q "$top" "$root/root/imagebuilder"
+# The network's trust, like its resolver: certificate authorities this host
+# was given locally (an egress proxy's) go where Debian's ca-certificates
+# picks them up when install-deps installs it, and node is told, as here.
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+	mkdir -p "$root/usr/local/share/ca-certificates"
+	cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+fi
 say "root ready in $(( $(date +%s) - t0 ))s; $(chroot "$root" dpkg-query -W -f '.\n' | wc -l) packages"
 
 # One command in the root: own namespaces, the root a mount point of its own,
@@ -66,6 +73,7 @@ in_root() {
 			rmdir /.old-root || exit 1
 		exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 			HOME=/root LANG=C.UTF-8 TERM=dumb ${FRESH_TESTS:+TESTS="$FRESH_TESTS"} \
+			${NODE_EXTRA_CA_CERTS:+NODE_EXTRA_CA_CERTS="$NODE_EXTRA_CA_CERTS"} \
 			/bin/sh -c "cd /root/imagebuilder && $*"' sh "$root" "$@"
 }
 

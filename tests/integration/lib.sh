@@ -136,12 +136,12 @@ npm_tool() {
 	if [ ! -x "$dir/node_modules/.bin/$2" ]; then
 		command -v npm >/dev/null || fail "npm is not installed (scripts/install-deps.sh installs it)"
 		mkdir -p "$dir"
-		if ! npm install --prefix "$dir" --no-audit --no-fund --silent "$1" >"$T/npm.log" 2>&1; then
+		if ! npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "$1" >"$T/npm.log" 2>&1; then
 			if grep -qiE 'ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ETIMEDOUT|ECONNRESET|network' "$T/npm.log"; then
 				echo "skip: the npm registry cannot be reached: $(tail -1 "$T/npm.log")"
 				exit 77
 			fi
-			fail "npm install $1: $(tail -3 "$T/npm.log")"
+			fail "npm install $1: $(grep -v '^npm notice' "$T/npm.log" | tail -5 | tr '\n' ' ')"
 		fi
 	fi
 	echo "$dir/node_modules/.bin/$2"
