@@ -12,7 +12,7 @@
 CC ?= cc
 BUILD ?= build
 PKGS = libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp \
-       libprotobuf-c
+       libprotobuf-c zlib
 
 WARN = -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
        -Wformat-security -Wwrite-strings -Wvla -fno-common

@@ -13,7 +13,7 @@ tree=${1:-/tmp/mm/root}
 build=${BUILD:-build}
 runs=${RUNS:-3}
 here=$(cd "$(dirname "$0")/.." && pwd)
-pkgs="libarchive openssl sqlite3 ext2fs com_err jansson libzstd libseccomp libprotobuf-c"
+pkgs="libarchive openssl sqlite3 ext2fs com_err jansson libzstd libseccomp libprotobuf-c zlib"
 
 [ -d "$tree" ] || { echo "export.sh: no tree at '$tree'" >&2; exit 1; }
 command -v mke2fs >/dev/null || { echo "export.sh: mke2fs not found" >&2; exit 1; }

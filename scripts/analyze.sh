@@ -7,7 +7,7 @@ set -u
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 CC=${CC:-gcc}
-PKGS="libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp libprotobuf-c"
+PKGS="libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp libprotobuf-c zlib"
 # the generated schema code (make: $(BUILD)/gen)
 flags="-std=c11 -D_GNU_SOURCE -O0 -fanalyzer -include lib/banned.h -I. -I${IB_GEN:-build/gen} $(pkg-config --cflags $PKGS)"
 out=$(mktemp)

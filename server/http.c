@@ -113,6 +113,32 @@ enum MHD_Result srv_respond(req *r, struct MHD_Connection *c, unsigned status, c
 	return srv_send(r, c, status, resp);
 }
 
+/* An RPC's answer: gzip when the client takes it and it is worth it. */
+static enum MHD_Result respond_answer(req *r, struct MHD_Connection *c, const char *ctype, char *body, size_t len)
+{
+	struct MHD_Response *resp;
+	char *z;
+	size_t zlen;
+	bool gz = r->gzip_out && len >= 512 && ib_http_gzip(body, len, &z, &zlen) == 0;
+
+	if (gz) {
+		free(body);
+		body = z;
+		len = zlen;
+	}
+	resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+	if (!resp) {
+		free(body);
+		return MHD_NO;
+	}
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_VARY, MHD_HTTP_HEADER_ACCEPT_ENCODING);
+	if (gz)
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_ENCODING, "gzip");
+	r->length = len;
+	return srv_send(r, c, MHD_HTTP_OK, resp);
+}
+
 enum MHD_Result srv_respond_json(req *r, struct MHD_Connection *c, json_t *doc)
 {
 	char *s;
@@ -130,11 +156,11 @@ enum MHD_Result srv_respond_json(req *r, struct MHD_Connection *c, json_t *doc)
 		s = ib_xmalloc(len ? len : 1);
 		protobuf_c_message_pack(m, (uint8_t *)s);
 		protobuf_c_message_free_unpacked(m, NULL);
-		return srv_respond(r, c, MHD_HTTP_OK, "application/proto", s, len);
+		return respond_answer(r, c, "application/proto", s, len);
 	}
 	s = srv_dump_json(doc, 0);
 	json_decref(doc);
-	return srv_respond(r, c, MHD_HTTP_OK, "application/json", s, strlen(s));
+	return respond_answer(r, c, "application/json", s, strlen(s));
 }
 
 enum MHD_Result srv_respond_error(req *r, struct MHD_Connection *c, ib_connect_code code, const char *fmt, ...)
@@ -297,9 +323,11 @@ static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *
 			return srv_respond_http(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, IB_CONNECT_INVALID_ARGUMENT,
 					    "Accept-Post", "application/json, application/proto",
 					    "content-type must be application/json or application/proto");
-		if (cenc && strcmp(cenc, "identity"))
+		r->gzip_in = cenc && !strcasecmp(cenc, "gzip");
+		r->gzip_out = ib_http_accepts_gzip(srv_header_value(c, MHD_HTTP_HEADER_ACCEPT_ENCODING));
+		if (cenc && strcmp(cenc, "identity") && !r->gzip_in)
 			return srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED,
-					     "content-encoding '%.32s' is not supported (identity only)", cenc);
+					     "content-encoding '%.32s' is not supported (gzip or identity)", cenc);
 		if (clen && ib_parse_u64(&n, clen, UINT64_MAX) == 0 && n > IB_SERVE_BODY_MAX)
 			return srv_respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED,
 					     "request: %llu bytes; at most %d are accepted", (unsigned long long)n,
@@ -387,6 +415,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 			return srv_respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED, "request: at most %d bytes are accepted",
 					     IB_SERVE_BODY_MAX);
 		k = srv_rpc_of(url);
+		if (r->gzip_in && r->body.len) {
+			char *plain = NULL;
+			size_t plain_len = 0;
+			int z = ib_http_gunzip(r->body.ptr, r->body.len, IB_SERVE_BODY_MAX, &plain, &plain_len);
+			ib_buf_free(&r->body);
+			if (z == 1)
+				return srv_respond_error(r, c, IB_CONNECT_RESOURCE_EXHAUSTED,
+						     "request: more than %d bytes once decompressed", IB_SERVE_BODY_MAX);
+			if (z < 0)
+				return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: %s", ib_error_last());
+			ib_buf_add(&r->body, plain, plain_len);
+			free(plain);
+		}
 		if (k == RPC_BUILD_IMAGE) {
 			ib_http_sha256(r->digest, r->body.ptr ? r->body.ptr : "", r->body.len);
 			r->have_digest = true;

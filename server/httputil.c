@@ -9,6 +9,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <zlib.h>
 #include <time.h>
 
 #include "lib/util.h"
@@ -342,4 +344,78 @@ double ib_http_wallclock(void)
 
 	clock_gettime(CLOCK_REALTIME, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int ib_http_gzip(const void *data, size_t len, char **out, size_t *out_len)
+{
+	z_stream z = { 0 };
+	uLong cap;
+	char *buf;
+
+	if (deflateInit2(&z, 6, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+		return ib_error_set("gzip: cannot start");
+	cap = deflateBound(&z, (uLong)len) + 32;
+	buf = ib_xmalloc(cap);
+	z.next_in = (Bytef *)data;
+	z.avail_in = (uInt)len;
+	z.next_out = (Bytef *)buf;
+	z.avail_out = (uInt)cap;
+	if (deflate(&z, Z_FINISH) != Z_STREAM_END) {
+		deflateEnd(&z);
+		free(buf);
+		return ib_error_set("gzip: cannot compress");
+	}
+	*out_len = z.total_out;
+	*out = buf;
+	deflateEnd(&z);
+	return 0;
+}
+
+int ib_http_gunzip(const void *data, size_t len, size_t max, char **out, size_t *out_len)
+{
+	z_stream z = { 0 };
+	char *buf = ib_xmalloc(max + 1);
+	int rc;
+
+	if (inflateInit2(&z, 15 + 16) != Z_OK) {
+		free(buf);
+		return ib_error_set("gzip: cannot start"), IB_EINVALID;
+	}
+	z.next_in = (Bytef *)data;
+	z.avail_in = (uInt)len;
+	z.next_out = (Bytef *)buf;
+	z.avail_out = (uInt)(max + 1);
+	rc = inflate(&z, Z_FINISH);
+	if (rc == Z_STREAM_END && z.total_out <= max) {
+		*out_len = z.total_out;
+		*out = buf;
+		inflateEnd(&z);
+		return 0;
+	}
+	inflateEnd(&z);
+	free(buf);
+	if (z.total_out > max || rc == Z_BUF_ERROR)
+		return 1;
+	return ib_error_set("the body is not gzip (%s)", z.msg ? z.msg : "truncated"), IB_EINVALID;
+}
+
+bool ib_http_accepts_gzip(const char *v)
+{
+	while (v && *v) {
+		size_t n, name;
+		const char *q;
+
+		v += strspn(v, " \t,");
+		n = strcspn(v, ",");
+		name = strcspn(v, " \t;,");
+		if ((name == 4 && !strncasecmp(v, "gzip", 4)) || (name == 1 && *v == '*')) {
+			/* "gzip;q=0" refuses it */
+			q = memchr(v, ';', n);
+			while (q && q < v + n && (*q == ';' || *q == ' ' || *q == '\t'))
+				q++;
+			return !(q && q < v + n && (q[0] == 'q' || q[0] == 'Q') && q[1] == '=' && strtod(q + 2, NULL) <= 0);
+		}
+		v += n;
+	}
+	return false;
 }

@@ -108,4 +108,20 @@ void ib_http_time(char buf[32], double unix_seconds);
 /* Wall clock in seconds. */
 double ib_http_wallclock(void);
 
+/*
+ * gzip (RFC 1952) of len bytes of data, for a Content-Encoding: gzip
+ * answer: *out (allocated), *out_len; <0 when zlib fails.
+ */
+int ib_http_gzip(const void *data, size_t len, char **out, size_t *out_len);
+
+/*
+ * The content of a gzip body, at most max bytes of it: 0 and *out
+ * (allocated); 1 when it is larger than max (a bomb stops there);
+ * IB_EINVALID (error set) when it is not gzip.
+ */
+int ib_http_gunzip(const void *data, size_t len, size_t max, char **out, size_t *out_len);
+
+/* Does an Accept-Encoding header value accept gzip (q > 0)? */
+bool ib_http_accepts_gzip(const char *accept_encoding);
+
 #endif

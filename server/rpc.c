@@ -561,9 +561,14 @@ enum MHD_Result srv_connect_get(req *r, struct MHD_Connection *c, rpc_kind k)
 	char *data;
 	size_t len;
 
-	if (!enc || strcmp(enc, "json"))
+	if (!enc || (strcmp(enc, "json") && strcmp(enc, "proto")))
 		return srv_respond_http(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, IB_CONNECT_INVALID_ARGUMENT, NULL, NULL,
-				    "encoding: only json is supported");
+				    "encoding: json or proto");
+	r->rpc = (int)k;
+	r->proto = !strcmp(enc, "proto");
+	/* a query string holds no NUL byte: binary comes as base64 */
+	if (r->proto && message && (!b64 || strcmp(b64, "1")))
+		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "message: a proto message must be base64 (base64=1)");
 	if (comp && *comp && strcmp(comp, "identity"))
 		return srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED, "compression '%.32s' is not supported (identity only)",
 				     comp);

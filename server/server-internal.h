@@ -102,6 +102,8 @@ typedef struct req {
 	struct MHD_Response *deferred; /* that answer, sent when the body is in */
 	unsigned deferred_status;
 	bool proto;          /* the request came, and the answer goes, as binary Protobuf */
+	bool gzip_in;        /* the body is gzip (Content-Encoding) */
+	bool gzip_out;       /* the client takes a gzip answer (Accept-Encoding) */
 	int rpc;             /* rpc_kind of an RPC request */
 	bool have_digest;
 	unsigned char digest[IB_SHA256_LEN]; /* of a BuildImage body */

@@ -7,6 +7,7 @@
 #   - a body that is not the method's message is invalid_argument, and the
 #     daemon lives on;
 #   - log_url is absolute, like rootfs_url;
+#   - gzip both ways, a gzip bomb refused; Connect GET with encoding=proto;
 #   - an error found in the headers is answered after the body is read, so
 #     a client sending a large body sees the answer, not EPIPE.
 . "$(dirname "$0")/lib.sh"
@@ -71,6 +72,28 @@ st=$(curl -s -o "$T/out.json" -w '%{http_code}' -X POST -H 'Content-Type: applic
 [ "$st" = 400 ] && [ "$(out 'd["code"]')" = invalid_argument ] || fail "garbage body: $st $(cat "$T/out.json")"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/healthz")" = 200 ] || fail "the daemon is down after garbage"
 ok "a body that is not a GetBuildRequest: invalid_argument; the daemon lives on"
+# gzip both ways (Content-Encoding / Accept-Encoding), and a bomb refused
+printf '{"build_id": "%s"}' "$bid" | gzip > "$T/req.gz"
+curl -s -D "$T/gz.hdr" -o "$T/ans.gz" -X POST -H 'Content-Type: application/json' -H 'Content-Encoding: gzip' \
+	-H 'Accept-Encoding: gzip' --data-binary "@$T/req.gz" "$M/GetBuild"
+grep -qi '^content-encoding: gzip' "$T/gz.hdr" && gunzip -c "$T/ans.gz" > "$T/ans.json" &&
+	[ "$(json_get "$T/ans.json" 'd["status"]')" = READY ] || fail "gzip: $(cat "$T/gz.hdr")"
+head -c 10000000 /dev/zero | gzip > "$T/bomb.gz"
+st=$(curl -s -o "$T/out.json" -w '%{http_code}' -X POST -H 'Content-Type: application/json' -H 'Content-Encoding: gzip' \
+	--data-binary "@$T/bomb.gz" "$M/GetBuild")
+[ "$st" = 429 ] && [ "$(out 'd["code"]')" = resource_exhausted ] || fail "a gzip bomb: $st $(cat "$T/out.json")"
+ok "gzip request and answer; 10 MB of zeros in a 10 KB gzip body: resource_exhausted, unread past the limit"
+
+# Connect GET with encoding=proto (base64url), the message made by buf convert
+msg=$(printf '{"image_id": "%s"}' "$iid" | "$BUF" convert "$TOP/proto" --type imagebuilder.v1.GetImageRequest \
+	--from -#format=json --to -#format=binpb | base64 -w0 | tr '+/' '-_' | tr -d '=')
+st=$(curl -s -o "$T/get.bin" -w '%{http_code}' "$M/GetImage?encoding=proto&base64=1&message=$msg")
+[ "$st" = 200 ] || fail "Connect GET, encoding=proto: $st"
+"$BUF" convert "$TOP/proto" --type imagebuilder.v1.GetImageResponse --from "$T/get.bin#format=binpb" \
+	--to -#format=json > "$T/get.json" || fail "the GET answer is not a GetImageResponse"
+[ "$(json_get "$T/get.json" 'd["image_id"]')" = "$iid" ] || fail "Connect GET answered $(cat "$T/get.json")"
+ok "Connect GET with encoding=proto: a GetImageResponse for the image"
+
 # an error found in the headers waits for the body: the client's write never fails
 $PY - "$URL" > "$T/epipe.txt" <<'PYEOF' || fail "a client sending a body got: $(cat "$T/epipe.txt")"
 import http.client, sys, urllib.parse

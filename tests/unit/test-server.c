@@ -453,3 +453,28 @@ TEST(pbjson_round_trip)
 	json_decref(in);
 	json_decref(a);
 }
+
+/* gzip both ways, the size bound of a bomb, and Accept-Encoding. */
+TEST(gzip_bodies)
+{
+	char *z = NULL, *back = NULL, data[5000];
+	size_t zlen = 0, blen = 0;
+
+	memset(data, 'a', sizeof(data));
+	ASSERT_INT_EQ(ib_http_gzip(data, sizeof(data), &z, &zlen), 0);
+	ASSERT_TRUE(zlen < 200);
+	ASSERT_INT_EQ(ib_http_gunzip(z, zlen, sizeof(data), &back, &blen), 0);
+	ASSERT_TRUE(blen == sizeof(data) && !memcmp(back, data, blen));
+	free(back);
+	back = NULL;
+	ASSERT_INT_EQ(ib_http_gunzip(z, zlen, sizeof(data) - 1, &back, &blen), 1);
+	ASSERT_TRUE(back == NULL);
+	ASSERT_INT_EQ(ib_http_gunzip("not gzip", 8, 100, &back, &blen), IB_EINVALID);
+	free(z);
+	ASSERT_TRUE(ib_http_accepts_gzip("gzip"));
+	ASSERT_TRUE(ib_http_accepts_gzip("deflate, gzip;q=0.5"));
+	ASSERT_TRUE(ib_http_accepts_gzip("*"));
+	ASSERT_TRUE(!ib_http_accepts_gzip("gzip;q=0"));
+	ASSERT_TRUE(!ib_http_accepts_gzip("br, identity"));
+	ASSERT_TRUE(!ib_http_accepts_gzip(NULL));
+}
