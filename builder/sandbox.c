@@ -570,6 +570,15 @@ static void __attribute__((noreturn)) sandbox_init(struct sandbox *sb)
 		report_setup(sb, errno, "cannot become root in the step's user namespace");
 		_exit(2);
 	}
+	/*
+	 * New credentials clear the parent-death signal: arm it again (it
+	 * survives the exec of ib-sandbox), then make sure the builder did not
+	 * die meanwhile: its end of the sync pipe is the one reader, so a write
+	 * fails once it is gone.  When B dies, the PID namespace dies with it.
+	 */
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	if (write(sb->sync_w, "k", 1) != 1)
+		_exit(2);
 	/* fds 0..4 as ib-sandbox expects them (builder/sandbox-proto.h), nothing else open */
 	fds[0] = fcntl(sb->stdin_r, F_DUPFD, high);
 	fds[1] = fcntl(sb->out_w, F_DUPFD, high);

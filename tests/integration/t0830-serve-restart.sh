@@ -9,7 +9,7 @@ C="$SHARED_CACHE"
 
 # -- kill -9 in the middle of a step --
 cat > "$T/spec.json" <<JSON
-{"base": "debian_amd64", "steps": [{"run_commands": ["echo before-the-kill; sleep 6; echo K$NONCE > /k.txt"]}]}
+{"base": "debian_amd64", "steps": [{"run_commands": ["echo before-the-kill; sleep 120; echo K$NONCE > /k.txt"]}]}
 JSON
 serve_start --jobs 2
 build_image "$T/spec.json"
@@ -39,12 +39,14 @@ left=$(ls "$C/tmp" | grep -v '\.lock$' || true)
 "$IB" cache verify --cache-dir "$C" >"$T/verify.log" 2>&1 || fail "cache verify: $(cat "$T/verify.log")"
 ok "restart: FAILED (interrupted), log and log_tail kept; scratch removed; cache verify passes"
 
-build_image "$T/spec.json"
+# the same step, but for its sleep (long above, so that a step outliving the daemon is caught)
+sed 's/sleep 120/sleep 1/' "$T/spec.json" > "$T/spec2.json"
+build_image "$T/spec2.json"
 [ "$BID" != "$b1" ] || fail "the interrupted build was joined"
 wait_build "$BID" READY 120
 curl -s -o "$T/k.ext4" "$URL/v1/images/$IID/rootfs.ext4"
 [ "$(img_cat "$T/k.ext4" /k.txt)" = "K$NONCE" ] || fail "the rebuilt image lacks /k.txt"
-ok "the same spec builds again to READY"
+ok "the same step builds again to READY"
 
 # -- SIGTERM: finish the running build, refuse new connections --
 cat > "$T/term.json" <<JSON
