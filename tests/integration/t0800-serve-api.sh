@@ -70,8 +70,11 @@ st=$(curl -s -o "$T/out.json" -w '%{http_code}' -H "Authorization: Bearer $TOKEN
 	"$URL/imagebuilder.v1.ImageBuilder/BuildImage")
 [ "$st" = 405 ] || fail "GET BuildImage: HTTP $st, expected 405"
 st=$(curl -s -o "$T/out.json" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+	-H 'Content-Encoding: br' -H "Authorization: Bearer $TOKEN" -d '{}' "$URL/imagebuilder.v1.ImageBuilder/GetBuild")
+[ "$st" = 501 ] && [ "$(out 'd["code"]')" = unimplemented ] || fail "br body: HTTP $st $(cat "$T/out.json")"
+st=$(curl -s -o "$T/out.json" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
 	-H 'Content-Encoding: gzip' -H "Authorization: Bearer $TOKEN" -d '{}' "$URL/imagebuilder.v1.ImageBuilder/GetBuild")
-[ "$st" = 501 ] && [ "$(out 'd["code"]')" = unimplemented ] || fail "gzip body: HTTP $st $(cat "$T/out.json")"
+[ "$st" = 400 ] && [ "$(out 'd["code"]')" = invalid_argument ] || fail "a gzip body that is not: HTTP $st $(cat "$T/out.json")"
 ok "errors: bad JSON, bad fields, bad specs (message names the field) 400 invalid_argument; 404 not_found;" \
 	"501 unimplemented; oversized 429 resource_exhausted; 415; 405"
 
