@@ -92,7 +92,11 @@ echo "$BID" | grep -qE '^[0-9a-f]{32}$' || fail "build id '$BID'"
 echo "$IID" | grep -qE '^[0-9a-f]{64}$' || fail "image id '$IID'"
 wait_build "$BID" READY 300
 [ "$(out '",".join(s["kind"] for s in d["steps"])')" = "base,env,run_commands" ] || fail "steps: $(out 'd["steps"]')"
-[ "$(out '",".join(s["state"] for s in d["steps"])')" = "cached,done,done" ] || fail "states: $(out 'd["steps"]')"
+# The base is cached when an earlier test built it; run alone, this build makes it.
+case "$(out '",".join(s["state"] for s in d["steps"])')" in
+cached,done,done|done,done,done) ;;
+*) fail "states: $(out 'd["steps"]')" ;;
+esac
 [ "$(out 'sorted(d["steps"][0].keys())')" = "['cached', 'index', 'key', 'kind', 'seconds', 'state']" ] ||
 	fail "step fields: $(out 'd["steps"][0]')"
 [ "$(out 'd["error"]')" = None ] || fail "READY with an error"
