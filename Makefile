@@ -66,9 +66,9 @@ SANDBOX_BIN = $(BUILD)/ib-sandbox
 
 all: $(BUILD)/imagebuilder $(INIT_BINS) $(SANDBOX_BIN)
 
-$(BUILD)/ib-init-%: init/ib-init.c lib/banned.h
+$(BUILD)/ib-init-%: init/ib-init.c lib/rtnl.c lib/rtnl.h lib/banned.h
 	@mkdir -p $(dir $@)
-	$(call init_cc,$*) $(INIT_CFLAGS) -o $@ $<
+	$(call init_cc,$*) $(INIT_CFLAGS) -I. -o $@ init/ib-init.c lib/rtnl.c
 
 $(SANDBOX_BIN): init/ib-sandbox.c builder/sandbox-proto.h lib/banned.h
 	@mkdir -p $(dir $@)

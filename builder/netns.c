@@ -17,6 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "lib/rtnl.h"
+
 int ib_netns_lo_up(void)
 {
 	struct ifreq ifr;
@@ -45,36 +47,6 @@ struct rulereq {
 	char attrs[64];
 };
 
-/* An attribute after the request's header (whose buffer has room: attrs[] above). */
-static void add_attr(struct nlmsghdr *nh, unsigned short type, const void *data, size_t len)
-{
-	struct rtattr *a = (struct rtattr *)((char *)nh + NLMSG_ALIGN(nh->nlmsg_len));
-
-	a->rta_type = type;
-	a->rta_len = (unsigned short)RTA_LENGTH(len);
-	memcpy(RTA_DATA(a), data, len);
-	nh->nlmsg_len = NLMSG_ALIGN(nh->nlmsg_len) + RTA_ALIGN(a->rta_len);
-}
-
-/* Send one request, read its acknowledgement: 0, or an errno. */
-static int talk(int fd, struct nlmsghdr *nh)
-{
-	struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
-	char buf[1024];
-	ssize_t n;
-
-	nh->nlmsg_flags |= NLM_F_REQUEST | NLM_F_ACK;
-	if (sendto(fd, nh, nh->nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0)
-		return errno;
-	while ((n = recv(fd, buf, sizeof(buf), 0)) < 0)
-		if (errno != EINTR)
-			return errno;
-	for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (unsigned)n); h = NLMSG_NEXT(h, n))
-		if (h->nlmsg_type == NLMSG_ERROR)
-			return -((struct nlmsgerr *)NLMSG_DATA(h))->error;
-	return 0;
-}
-
 /* A policy rule: to dst/prefix, action (FR_ACT_TO_TBL main, FR_ACT_UNREACHABLE), at priority. */
 static int rule(int fd, const struct in_addr *dst, unsigned char prefix, unsigned char action, uint32_t priority)
 {
@@ -88,9 +60,9 @@ static int rule(int fd, const struct in_addr *dst, unsigned char prefix, unsigne
 	r.frh.dst_len = prefix;
 	r.frh.action = action;
 	r.frh.table = action == FR_ACT_TO_TBL ? RT_TABLE_MAIN : RT_TABLE_UNSPEC;
-	add_attr(&r.nh, FRA_DST, dst, sizeof(*dst));
-	add_attr(&r.nh, FRA_PRIORITY, &priority, sizeof(priority));
-	return talk(fd, &r.nh);
+	ib_rtnl_add_attr(&r.nh, FRA_DST, dst, sizeof(*dst));
+	ib_rtnl_add_attr(&r.nh, FRA_PRIORITY, &priority, sizeof(priority));
+	return ib_rtnl_talk(fd, &r.nh);
 }
 
 int ib_netns_close_link_local(const char *dns)

@@ -39,6 +39,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "lib/rtnl.h"
+
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define CMDLINE_MAX 4096
 /* builder/limits.h allows 256 variables of up to 32 KiB each */
@@ -333,35 +335,6 @@ struct nlreq {
 	char attrs[128];
 };
 
-static void add_attr(struct nlreq *r, unsigned short type, const void *data, size_t len)
-{
-	struct rtattr *a = (struct rtattr *)((char *)r + NLMSG_ALIGN(r->nh.nlmsg_len));
-
-	a->rta_type = type;
-	a->rta_len = (unsigned short)RTA_LENGTH(len);
-	memcpy(RTA_DATA(a), data, len);
-	r->nh.nlmsg_len = NLMSG_ALIGN(r->nh.nlmsg_len) + RTA_ALIGN(a->rta_len);
-}
-
-/* Send one request and read its acknowledgement: 0, or the kernel's errno. */
-static int talk(int fd, struct nlreq *r)
-{
-	struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
-	char buf[1024];
-	ssize_t n;
-
-	r->nh.nlmsg_flags |= NLM_F_REQUEST | NLM_F_ACK;
-	if (sendto(fd, r, r->nh.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0)
-		return errno;
-	while ((n = recv(fd, buf, sizeof(buf), 0)) < 0)
-		if (errno != EINTR)
-			return errno;
-	for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (unsigned)n); h = NLMSG_NEXT(h, n))
-		if (h->nlmsg_type == NLMSG_ERROR)
-			return -((struct nlmsgerr *)NLMSG_DATA(h))->error;
-	return 0;
-}
-
 /* The first network interface but lo, by name; "" when none. */
 static void first_interface(char out[IF_NAMESIZE])
 {
@@ -459,9 +432,9 @@ static void configure_ip(const char *ip, char hostname[65], char address[64])
 	r.u.ifa.ifa_family = AF_INET;
 	r.u.ifa.ifa_prefixlen = (unsigned char)prefix_of(mask);
 	r.u.ifa.ifa_index = idx;
-	add_attr(&r, IFA_LOCAL, &addr, sizeof(addr));
-	add_attr(&r, IFA_ADDRESS, &addr, sizeof(addr));
-	if ((e = talk(fd, &r)))
+	ib_rtnl_add_attr(&r.nh, IFA_LOCAL, &addr, sizeof(addr));
+	ib_rtnl_add_attr(&r.nh, IFA_ADDRESS, &addr, sizeof(addr));
+	if ((e = ib_rtnl_talk(fd, &r.nh)))
 		say(e, "ip=: cannot give %s the address %s", dev, client);
 
 	memset(&r, 0, sizeof(r));
@@ -471,7 +444,7 @@ static void configure_ip(const char *ip, char hostname[65], char address[64])
 	r.u.ifi.ifi_index = (int)idx;
 	r.u.ifi.ifi_flags = IFF_UP;
 	r.u.ifi.ifi_change = IFF_UP;
-	if ((e = talk(fd, &r)))
+	if ((e = ib_rtnl_talk(fd, &r.nh)))
 		say(e, "ip=: cannot bring %s up", dev);
 
 	if (inet_pton(AF_INET, gw, &gateway) == 1) {
@@ -484,9 +457,9 @@ static void configure_ip(const char *ip, char hostname[65], char address[64])
 		r.u.rt.rtm_protocol = RTPROT_BOOT;
 		r.u.rt.rtm_scope = RT_SCOPE_UNIVERSE;
 		r.u.rt.rtm_type = RTN_UNICAST;
-		add_attr(&r, RTA_GATEWAY, &gateway, sizeof(gateway));
-		add_attr(&r, RTA_OIF, &idx, sizeof(idx));
-		if ((e = talk(fd, &r)))
+		ib_rtnl_add_attr(&r.nh, RTA_GATEWAY, &gateway, sizeof(gateway));
+		ib_rtnl_add_attr(&r.nh, RTA_OIF, &idx, sizeof(idx));
+		if ((e = ib_rtnl_talk(fd, &r.nh)))
 			say(e, "ip=: cannot route through %s", gw);
 	}
 	close(fd);

@@ -458,10 +458,24 @@ static int fields_from_json(ProtobufCMessage *m, json_t *j, const char *path)
 	return 0;
 }
 
+/* ListValue and Struct: the JSON array or object is their one field's. */
+static int wrapped_from_json(ProtobufCMessage *m, const char *field, bool shape_ok, const char *shape,
+			     json_t *j, const char *path)
+{
+	json_t *wrap;
+	int err;
+
+	if (!shape_ok)
+		return wrong(path, shape, j);
+	wrap = json_pack("{s:O}", field, j);
+	err = fields_from_json(m, wrap, path);
+	json_decref(wrap);
+	return err;
+}
+
 static int msg_from_json(const ProtobufCMessageDescriptor *d, json_t *j, ProtobufCMessage **out, const char *path)
 {
 	ProtobufCMessage *m = new_msg(d);
-	int err = 0;
 
 	*out = m;
 	if (is(d, "google.protobuf.Value")) {
@@ -474,24 +488,10 @@ static int msg_from_json(const ProtobufCMessageDescriptor *d, json_t *j, Protobu
 			return 0; /* NULL_VALUE = 0 */
 		return value_from_json(f, j, at(m, f->offset), path);
 	}
-	if (is(d, "google.protobuf.ListValue")) {
-		json_t *wrap = json_pack("{s:O}", "values", j);
-		if (!json_is_array(j))
-			err = wrong(path, "an array", j);
-		else
-			err = fields_from_json(m, wrap, path);
-		json_decref(wrap);
-		return err;
-	}
-	if (is(d, "google.protobuf.Struct")) {
-		json_t *wrap = json_pack("{s:O}", "fields", j);
-		if (!json_is_object(j))
-			err = wrong(path, "an object", j);
-		else
-			err = fields_from_json(m, wrap, path);
-		json_decref(wrap);
-		return err;
-	}
+	if (is(d, "google.protobuf.ListValue"))
+		return wrapped_from_json(m, "values", json_is_array(j), "an array", j, path);
+	if (is(d, "google.protobuf.Struct"))
+		return wrapped_from_json(m, "fields", json_is_object(j), "an object", j, path);
 	if (is(d, "google.protobuf.Timestamp"))
 		return timestamp_from_json(m, j, path);
 	if (is_wrapper(d))
