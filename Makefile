@@ -12,7 +12,7 @@
 CC ?= cc
 BUILD ?= build
 PKGS = libarchive openssl sqlite3 ext2fs com_err jansson libcurl libgit2 libmicrohttpd libzstd libseccomp \
-       libprotobuf-c zlib
+       libprotobuf-c zlib libnghttp2
 
 WARN = -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
        -Wformat-security -Wwrite-strings -Wvla -fno-common
@@ -39,10 +39,15 @@ UNIT_SRC = $(sort $(wildcard tests/unit/test-*.c))
 
 # The BuildImage schema: C (protoc-c) and the descriptor set that reflection
 # serves, made at build time; nothing generated is checked in.
+# The gRPC health and reflection services' schemas are in proto/grpc;
+# descriptor.proto is what reflection reads the descriptor set with.
 PROTO = imagebuilder/v1/imagebuilder.proto
-PROTO_WKT = google/protobuf/struct.proto google/protobuf/timestamp.proto google/protobuf/wrappers.proto
+PROTO_GRPC = grpc/health/v1/health.proto grpc/reflection/v1/reflection.proto grpc/reflection/v1alpha/reflection.proto
+PROTO_WKT = google/protobuf/struct.proto google/protobuf/timestamp.proto google/protobuf/wrappers.proto \
+	google/protobuf/descriptor.proto
 GEN = $(BUILD)/gen
-GEN_SRC = $(GEN)/imagebuilder/v1/imagebuilder.pb-c.c $(PROTO_WKT:%.proto=$(GEN)/%.pb-c.c) $(GEN)/descriptor-set.c
+GEN_SRC = $(PROTO:%.proto=$(GEN)/%.pb-c.c) $(PROTO_GRPC:%.proto=$(GEN)/%.pb-c.c) \
+	$(PROTO_WKT:%.proto=$(GEN)/%.pb-c.c) $(GEN)/descriptor-set.c
 GEN_OBJ = $(GEN_SRC:$(GEN)/%.c=$(BUILD)/obj/gen/%.o)
 
 LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(GEN_OBJ)
@@ -74,10 +79,11 @@ $(SANDBOX_BIN): init/ib-sandbox.c builder/sandbox-proto.h lib/banned.h
 	@mkdir -p $(dir $@)
 	$(CC) $(INIT_CFLAGS) -I. -o $@ $<
 
-$(GEN)/.stamp: proto/$(PROTO)
+$(GEN)/.stamp: proto/$(PROTO) $(PROTO_GRPC:%=proto/%)
 	@mkdir -p $(GEN)
-	protoc-c --c_out=$(GEN) --descriptor_set_out=$(GEN)/imagebuilder.desc --include_imports \
-		-I proto -I /usr/include $(PROTO) $(PROTO_WKT)
+	protoc-c --c_out=$(GEN) -I proto -I /usr/include $(PROTO) $(PROTO_GRPC) $(PROTO_WKT)
+	protoc-c --descriptor_set_out=$(GEN)/imagebuilder.desc --include_imports \
+		-I proto -I /usr/include $(PROTO) $(PROTO_GRPC)
 	@touch $@
 $(filter-out $(GEN)/descriptor-set.c,$(GEN_SRC)): $(GEN)/.stamp
 # the descriptor set as bytes in the program

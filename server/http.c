@@ -141,26 +141,19 @@ static enum MHD_Result respond_answer(req *r, struct MHD_Connection *c, const ch
 
 enum MHD_Result srv_respond_json(req *r, struct MHD_Connection *c, json_t *doc)
 {
+	srv_call call = { .srv = r->srv };
+	enum MHD_Result ret;
 	char *s;
+	size_t len;
 
-	if (r->proto) {
-		/* the same answer as binary Protobuf: the method's output message */
-		ProtobufCMessage *m = NULL;
-		size_t len;
-		int err = srv_pb_from_json(srv_rpcs[r->rpc].out, doc, &m);
-
-		json_decref(doc);
-		if (err)
-			return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "cannot encode the answer: %s", ib_error_last());
-		len = protobuf_c_message_get_packed_size(m);
-		s = ib_xmalloc(len ? len : 1);
-		protobuf_c_message_pack(m, (uint8_t *)s);
-		protobuf_c_message_free_unpacked(m, NULL);
-		return respond_answer(r, c, "application/proto", s, len);
-	}
-	s = srv_dump_json(doc, 0);
+	/* binary Protobuf: the same answer as the method's output message */
+	if (srv_call_encode(&call, srv_rpcs[r->rpc].out, r->proto, doc, &s, &len) < 0)
+		ret = srv_respond_error(r, c, call.code, "%s", call.message);
+	else
+		ret = respond_answer(r, c, r->proto ? "application/proto" : "application/json", s, len);
 	json_decref(doc);
-	return respond_answer(r, c, "application/json", s, strlen(s));
+	free(call.message);
+	return ret;
 }
 
 enum MHD_Result srv_respond_error(req *r, struct MHD_Connection *c, ib_connect_code code, const char *fmt, ...)
@@ -252,6 +245,124 @@ static bool authorized(ib_server *srv, struct MHD_Connection *c)
 	return !srv->auth || ib_http_bearer_ok(&srv->token, srv_header_value(c, MHD_HTTP_HEADER_AUTHORIZATION));
 }
 
+/* ---- framed RPCs over HTTP/1.1: Connect streaming, gRPC-Web; health, reflection ---- */
+
+static const char *mhd_header(void *ctx, const char *name)
+{
+	return MHD_lookup_connection_value(ctx, MHD_HEADER_KIND, name);
+}
+
+/* Is this request for the protocol-neutral exchange (wire.c) rather than Connect unary? */
+static bool wants_exchange(struct MHD_Connection *c, const char *url)
+{
+	bool proto;
+	srv_wire w = srv_wire_of(srv_header_value(c, MHD_HTTP_HEADER_CONTENT_TYPE), &proto);
+
+	return (w != WIRE_NONE && w != WIRE_CONNECT) || !strncmp(url, "/grpc.", 6);
+}
+
+/* Take the sent front of the exchange's output off: n bytes into buf. */
+static size_t take_out(srv_exchange *x, char *buf, size_t max)
+{
+	size_t n = x->out.len < max ? x->out.len : max;
+
+	memcpy(buf, x->out.ptr, n);
+	memmove(x->out.ptr, x->out.ptr + n, x->out.len - n);
+	x->out.len -= n;
+	return n;
+}
+
+/* The body of a streaming answer; with nothing to send, the connection sleeps until the next tick. */
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+	req *r = cls;
+	srv_exchange *x = r->x;
+	ib_server *srv = r->srv;
+	size_t n;
+
+	(void)pos;
+	if (!x->out.len && !x->done)
+		srv_exchange_poll(x);
+	if (!x->out.len && !x->done) {
+		pthread_mutex_lock(&srv->mu);
+		if (srv->stopping) {
+			pthread_mutex_unlock(&srv->mu);
+			srv_exchange_abort(x, SHUTDOWN_MESSAGE);
+		} else {
+			r->suspended = true;
+			r->snext = srv->streams;
+			srv->streams = r;
+			MHD_suspend_connection(r->conn);
+			pthread_cond_signal(&srv->timer_cv);
+			pthread_mutex_unlock(&srv->mu);
+			return 0;
+		}
+	}
+	if (!x->out.len && x->done)
+		return MHD_CONTENT_READER_END_OF_STREAM;
+	n = take_out(x, buf, max);
+	r->length += n;
+	return (ssize_t)n;
+}
+
+void srv_stream_forget(ib_server *srv, req *r)
+{
+	pthread_mutex_lock(&srv->mu);
+	for (req **pp = &srv->streams; *pp; pp = &(*pp)->snext)
+		if (*pp == r) {
+			*pp = r->snext;
+			break;
+		}
+	r->suspended = false;
+	pthread_mutex_unlock(&srv->mu);
+}
+
+/* Answer the exchange: all of it now, or a stream that goes on. */
+static enum MHD_Result exchange_respond(req *r, struct MHD_Connection *c)
+{
+	srv_exchange *x = r->x;
+	struct MHD_Response *resp;
+
+	if (x->done) {
+		resp = MHD_create_response_from_buffer(x->out.len, x->out.ptr, MHD_RESPMEM_MUST_COPY);
+		r->length = x->out.len;
+	} else {
+		resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_reader, r, NULL);
+	}
+	if (!resp)
+		return MHD_NO;
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, x->ctype[0] ? x->ctype : "application/json");
+	if (x->content_encoding)
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_ENCODING, x->content_encoding);
+	if (x->msg_encoding)
+		MHD_add_response_header(resp, x->wire == WIRE_CONNECT_STREAM ? "Connect-Content-Encoding" : "Grpc-Encoding",
+					x->msg_encoding);
+	if (x->call.code == IB_CONNECT_UNAUTHENTICATED && x->call.message)
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"imagebuilder\"");
+	if (x->call.message && !r->message) {
+		r->message = ib_xstrdup(x->call.message);
+		r->code = ib_connect_code_name(x->call.code);
+	}
+	return srv_send(r, c, x->status ? x->status : MHD_HTTP_OK, resp);
+}
+
+static enum MHD_Result start_exchange(req *r, struct MHD_Connection *c, const char *url, bool post)
+{
+	rpc_kind k = srv_rpc_of(url);
+
+	r->ep = k != RPC_NONE ? srv_rpcs[k].ep : !strncmp(url, "/grpc.health.", 13) ? IB_EP_HEALTH
+		: !strncmp(url, "/grpc.reflection.", 17) ? IB_EP_REFLECTION : IB_EP_OTHER;
+	if (!post)
+		return srv_respond_http(r, c, MHD_HTTP_METHOD_NOT_ALLOWED, IB_CONNECT_UNIMPLEMENTED, MHD_HTTP_HEADER_ALLOW,
+					"POST", "RPCs are POST requests");
+	r->x = ib_xcalloc(1, sizeof(*r->x));
+	srv_exchange_begin(r->x, r->srv, url, mhd_header, c, false);
+	if (r->x->done)
+		return exchange_respond(r, c);
+	r->phase = PHASE_BODY;
+	return MHD_YES;
+}
+
 /* The first call for a request: headers are in, the body (if any) is not. */
 static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *url, const char *method)
 {
@@ -287,6 +398,8 @@ static enum MHD_Result on_headers(req *r, struct MHD_Connection *c, const char *
 		return draining ? srv_respond(r, c, MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", ib_xstrdup("draining\n"), 9)
 				: srv_respond(r, c, MHD_HTTP_OK, "text/plain", ib_xstrdup("ok\n"), 3);
 	}
+	if (wants_exchange(c, url))
+		return start_exchange(r, c, url, post);
 	k = srv_rpc_of(url);
 	if (k != RPC_NONE)
 		r->ep = srv_rpcs[k].ep;
@@ -403,6 +516,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 			r->read_first = false;
 			return srv_send(r, c, r->deferred_status, resp);
 		}
+		if (r->x) {
+			if (*upload_data_size) {
+				srv_exchange_data(r->x, upload_data, *upload_data_size);
+				*upload_data_size = 0;
+				return MHD_YES;
+			}
+			srv_exchange_end(r->x);
+			return exchange_respond(r, c);
+		}
 		if (*upload_data_size) {
 			if (r->body.len + *upload_data_size > IB_SERVE_BODY_MAX)
 				r->too_large = true;
@@ -444,12 +566,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 		const char *status;
 		job *j = r->wait_job;
 
+		srv_call call;
+
 		pthread_mutex_lock(&srv->mu);
 		status = srv_status_names[j->status];
 		r->wait_job = NULL;
 		srv_job_unref_locked(j);
 		pthread_mutex_unlock(&srv->mu);
-		return srv_cancel_answer(r, c, status);
+		srv_call_init(&call, srv, RPC_CANCEL_BUILD, NULL);
+		memcpy(call.build_id, r->build_id, sizeof(call.build_id));
+		srv_cancel_answer(&call, status);
+		r->rpc = RPC_CANCEL_BUILD;
+		ret = srv_respond_json(r, c, call.answer);
+		call.answer = NULL;
+		srv_call_clear(&call);
+		return ret;
 	}
 	case PHASE_WAITING: /* not resumed yet: nothing to do */
 		return MHD_YES;
@@ -474,6 +605,54 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c)
 	return r;
 }
 
+void srv_log_access(const ib_server *srv, const srv_access *a)
+{
+	char ts[32], part[512];
+	ib_buf line = IB_BUF_INIT;
+	int n;
+
+	if (srv->log_fd < 0)
+		return;
+	/* By hand rather than through jansson: this runs once per request. */
+	ib_http_time(ts, ib_http_wallclock());
+	ib_buf_grow(&line, 512);
+	n = snprintf(part, sizeof(part), "{\"ts\":\"%s\",\"event\":\"request\",\"method\":", ts);
+	ib_buf_add(&line, part, (size_t)n);
+	json_string_to(&line, a->method, 16);
+	ib_buf_add(&line, ",\"path\":", 8);
+	json_string_to(&line, a->path, 512);
+	n = snprintf(part, sizeof(part),
+		     ",\"endpoint\":\"%s\",\"status\":%u,\"ms\":%.3f,\"bytes\":%llu,\"remote\":\"%s\"%s%s%s%s%s%s%s%s%s%s",
+		     ib_endpoint_name(a->ep), a->status, a->seconds * 1e3, (unsigned long long)a->bytes, a->remote,
+		     a->code ? ",\"code\":\"" : "", a->code ? a->code : "", a->code ? "\"" : "",
+		     a->build_id[0] ? ",\"build_id\":\"" : "", a->build_id, a->build_id[0] ? "\"" : "",
+		     a->image_id[0] ? ",\"image_id\":\"" : "", a->image_id, a->image_id[0] ? "\"" : "",
+		     a->cached < 0 ? "" : a->cached ? ",\"cached\":true" : ",\"cached\":false");
+	ib_buf_add(&line, part, (size_t)n < sizeof(part) ? (size_t)n : sizeof(part) - 1);
+	if (a->protocol) {
+		n = snprintf(part, sizeof(part), ",\"protocol\":\"%s\",\"http\":\"%s\"", a->protocol, a->http);
+		ib_buf_add(&line, part, (size_t)n);
+	}
+	if (a->message) {
+		ib_buf_add(&line, ",\"message\":", 11);
+		json_string_to(&line, a->message, 512);
+	}
+	if (a->aborted)
+		ib_buf_puts(&line, ",\"aborted\":true");
+	ib_buf_add(&line, "}\n", 2);
+	ib_write_all(srv->log_fd, line.ptr, line.len);
+	ib_buf_free(&line);
+}
+
+void srv_sockaddr_text(char out[INET6_ADDRSTRLEN], const struct sockaddr *sa)
+{
+	out[0] = '\0';
+	if (sa && sa->sa_family == AF_INET)
+		inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, INET6_ADDRSTRLEN);
+	else if (sa && sa->sa_family == AF_INET6)
+		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, INET6_ADDRSTRLEN);
+}
+
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe)
 {
 	ib_server *srv = cls;
@@ -491,6 +670,16 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 		srv_job_unref(srv, r->wait_job);
 	if (r->deferred)
 		MHD_destroy_response(r->deferred);
+	if (r->x) {
+		srv_stream_forget(srv, r);
+		memcpy(r->build_id, r->x->call.build_id, sizeof(r->build_id));
+		memcpy(r->image_id, r->x->call.image_id, sizeof(r->image_id));
+		r->cached = r->x->call.cached;
+		if (r->x->call.message && !r->message) {
+			r->message = ib_xstrdup(r->x->call.message);
+			r->code = ib_connect_code_name(r->x->call.code);
+		}
+	}
 	if (r->status) {
 		ib_metrics_request(srv->metrics, r->ep, r->status, seconds);
 		if (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK && (r->ep == IB_EP_ROOTFS || r->ep == IB_EP_LOGS) &&
@@ -498,45 +687,22 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 			ib_metrics_bytes(srv->metrics, r->ep, r->length);
 	}
 	if (srv->log_fd >= 0) {
-		char ts[32], part[512];
-		ib_buf line = IB_BUF_INIT;
-		int n;
-
+		srv_access a = {
+			.method = r->method, .path = r->uri, .ep = r->ep, .status = r->status, .seconds = seconds,
+			.bytes = r->length, .remote = addr, .code = r->code, .message = r->message,
+			.build_id = r->build_id, .image_id = r->image_id, .cached = r->cached,
+			.aborted = toe != MHD_REQUEST_TERMINATED_COMPLETED_OK,
+			.protocol = r->x ? srv_wire_name(r->x->wire) : NULL, .http = "1.1",
+		};
 		ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-		if (ci && ci->client_addr) {
-			const struct sockaddr *sa = ci->client_addr;
-			if (sa->sa_family == AF_INET)
-				inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, addr, sizeof(addr));
-			else if (sa->sa_family == AF_INET6)
-				inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof(addr));
-		}
+		srv_sockaddr_text(addr, ci ? ci->client_addr : NULL);
 		if ((q = strchr(r->uri, '?')))
 			*q = '\0';
-		/* By hand rather than through jansson: this runs once per request. */
-		ib_http_time(ts, ib_http_wallclock());
-		ib_buf_grow(&line, 512);
-		n = snprintf(part, sizeof(part), "{\"ts\":\"%s\",\"event\":\"request\",\"method\":", ts);
-		ib_buf_add(&line, part, (size_t)n);
-		json_string_to(&line, r->method, sizeof(r->method));
-		ib_buf_add(&line, ",\"path\":", 8);
-		json_string_to(&line, r->uri, 512);
-		n = snprintf(part, sizeof(part),
-			     ",\"endpoint\":\"%s\",\"status\":%u,\"ms\":%.3f,\"bytes\":%llu,\"remote\":\"%s\"%s%s%s%s%s%s%s%s%s%s",
-			     ib_endpoint_name(r->ep), r->status, seconds * 1e3, (unsigned long long)r->length, addr,
-			     r->code ? ",\"code\":\"" : "", r->code ? r->code : "", r->code ? "\"" : "",
-			     r->build_id[0] ? ",\"build_id\":\"" : "", r->build_id, r->build_id[0] ? "\"" : "",
-			     r->image_id[0] ? ",\"image_id\":\"" : "", r->image_id, r->image_id[0] ? "\"" : "",
-			     r->cached < 0 ? "" : r->cached ? ",\"cached\":true" : ",\"cached\":false");
-		ib_buf_add(&line, part, (size_t)n < sizeof(part) ? (size_t)n : sizeof(part) - 1);
-		if (r->message) {
-			ib_buf_add(&line, ",\"message\":", 11);
-			json_string_to(&line, r->message, 512);
-		}
-		if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
-			ib_buf_puts(&line, ",\"aborted\":true");
-		ib_buf_add(&line, "}\n", 2);
-		ib_write_all(srv->log_fd, line.ptr, line.len);
-		ib_buf_free(&line);
+		srv_log_access(srv, &a);
+	}
+	if (r->x) {
+		srv_exchange_free(r->x);
+		free(r->x);
 	}
 	ib_buf_free(&r->body);
 	free(r->uri);
@@ -560,11 +726,10 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
 int srv_http_start(ib_server *srv)
 {
 	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
-			 (srv->http_mode == IB_HTTP_POLL ? MHD_USE_POLL : MHD_USE_EPOLL);
+			 MHD_USE_NO_LISTEN_SOCKET | (srv->http_mode == IB_HTTP_POLL ? MHD_USE_POLL : MHD_USE_EPOLL);
 
 	srv->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv,
 				    MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, srv,
-				    MHD_OPTION_LISTEN_SOCKET, srv->listen_fd,
 				    MHD_OPTION_THREAD_POOL_SIZE, srv->http_threads,
 				    MHD_OPTION_CONNECTION_LIMIT, (unsigned)IB_SERVE_CONNECTIONS_MAX,
 				    MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)IB_SERVE_CONN_MEMORY,
@@ -574,5 +739,6 @@ int srv_http_start(ib_server *srv)
 				    MHD_OPTION_END);
 	if (!srv->mhd)
 		return ib_error_set("cannot start the HTTP server on '%s'", srv->listen);
-	return 0;
+	/* connections come from the acceptor, which keeps HTTP/2 for itself */
+	return srv_accept_start(srv);
 }

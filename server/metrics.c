@@ -27,7 +27,8 @@ static const char *const kinds[] = { "base", "python", "apt_install", "pip_insta
 
 static const char *const endpoint_names[IB_EP_COUNT] = {
 	[IB_EP_BUILD_IMAGE] = "BuildImage", [IB_EP_GET_BUILD] = "GetBuild", [IB_EP_CANCEL_BUILD] = "CancelBuild",
-	[IB_EP_GET_IMAGE] = "GetImage",     [IB_EP_LOGS] = "logs",           [IB_EP_ROOTFS] = "rootfs",
+	[IB_EP_GET_IMAGE] = "GetImage",     [IB_EP_WATCH_BUILD] = "WatchBuild", [IB_EP_HEALTH] = "health",
+	[IB_EP_REFLECTION] = "reflection",  [IB_EP_LOGS] = "logs",           [IB_EP_ROOTFS] = "rootfs",
 	[IB_EP_HEALTHZ] = "healthz",        [IB_EP_METRICS] = "metrics",     [IB_EP_OTHER] = "other",
 };
 

@@ -18,6 +18,9 @@ typedef enum ib_endpoint {
 	IB_EP_GET_BUILD,
 	IB_EP_CANCEL_BUILD,
 	IB_EP_GET_IMAGE,
+	IB_EP_WATCH_BUILD,
+	IB_EP_HEALTH,     /* grpc.health.v1.Health */
+	IB_EP_REFLECTION, /* grpc.reflection.v1 and v1alpha */
 	IB_EP_LOGS,
 	IB_EP_ROOTFS,
 	IB_EP_HEALTHZ,

@@ -58,12 +58,12 @@ static void *at(const void *m, unsigned offset)
 
 static json_t *msg_to_json(const ProtobufCMessage *m);
 
-static json_t *base64(const ProtobufCBinaryData *b)
+json_t *srv_json_base64(const void *data, size_t len)
 {
-	char *out = ib_xmalloc(4 * ((b->len + 2) / 3) + 1);
+	char *out = ib_xmalloc(4 * ((len + 2) / 3) + 1);
 	json_t *j;
 
-	EVP_EncodeBlock((unsigned char *)out, b->data, (int)b->len);
+	EVP_EncodeBlock((unsigned char *)out, data, (int)len);
 	j = json_string(out);
 	free(out);
 	return j;
@@ -105,7 +105,7 @@ static json_t *value_to_json(const ProtobufCFieldDescriptor *f, const void *p)
 		const char *s = *(char *const *)p;
 		return json_string(s ? s : "");
 	}
-	case PROTOBUF_C_TYPE_BYTES: return base64(p);
+	case PROTOBUF_C_TYPE_BYTES: return srv_json_base64(((const ProtobufCBinaryData *)p)->data, ((const ProtobufCBinaryData *)p)->len);
 	case PROTOBUF_C_TYPE_MESSAGE: {
 		const ProtobufCMessage *sub = *(ProtobufCMessage *const *)p;
 		return sub ? msg_to_json(sub) : json_null();

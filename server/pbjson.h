@@ -30,4 +30,7 @@ json_t *srv_pb_to_json(const ProtobufCMessage *m);
  */
 int srv_pb_from_json(const ProtobufCMessageDescriptor *d, json_t *doc, ProtobufCMessage **out);
 
+/* len bytes as a JSON string in base64 (with padding), the JSON form of bytes. */
+json_t *srv_json_base64(const void *data, size_t len);
+
 #endif

@@ -8,6 +8,8 @@
  */
 #include "server/server-internal.h"
 
+#define STREAM_TICK 0.1 /* seconds a streaming answer with nothing to send sleeps */
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -408,10 +410,22 @@ static void *builder_main(void *arg)
 	return NULL;
 }
 
-/* Resumes CancelBuild requests whose wait ran out. */
+static void resume_streams(ib_server *srv)
+{
+	while (srv->streams) {
+		req *r = srv->streams;
+		srv->streams = r->snext;
+		r->snext = NULL;
+		r->suspended = false;
+		MHD_resume_connection(r->conn);
+	}
+}
+
+/* Resumes CancelBuild requests whose wait ran out, and streams each tick. */
 static void *timer_main(void *arg)
 {
 	ib_server *srv = arg;
+	double tick = 0;
 
 	pthread_mutex_lock(&srv->mu);
 	while (!srv->stopping) {
@@ -432,11 +446,21 @@ static void *timer_main(void *arg)
 				next = r->wait_deadline;
 			pp = &r->wnext;
 		}
+		/* streaming answers with nothing to send sleep one tick (a fixed one, however many there are) */
+		if (srv->streams && !tick)
+			tick = now + STREAM_TICK;
+		if (tick && tick < next)
+			next = tick;
 		ts.tv_sec = (time_t)next;
 		ts.tv_nsec = (long)((next - (double)ts.tv_sec) * 1e9);
 		pthread_cond_timedwait(&srv->timer_cv, &srv->mu, &ts);
+		if (tick && ib_now() >= tick) {
+			resume_streams(srv);
+			tick = 0;
+		}
 	}
 	resume_waiters(srv, NULL);
+	resume_streams(srv);
 	pthread_mutex_unlock(&srv->mu);
 	return NULL;
 }
@@ -628,8 +652,9 @@ done:
 	return err;
 }
 
-srv_cancel_result srv_cancel(ib_server *srv, const char *id, req *r, const char **out_status)
+srv_cancel_result srv_cancel(ib_server *srv, const char *id, srv_call *c, const char **out_status)
 {
+	req *r = c->r;
 	job *j;
 
 	pthread_mutex_lock(&srv->mu);
@@ -666,6 +691,13 @@ srv_cancel_result srv_cancel(ib_server *srv, const char *id, req *r, const char 
 	}
 	/* running (or being recorded): wait for it to stop, without holding a thread */
 	srv_job_ref(j);
+	if (!r) {
+		/* the caller polls */
+		c->wait_job = j;
+		c->wait_deadline = ib_now() + IB_SERVE_CANCEL_WAIT;
+		pthread_mutex_unlock(&srv->mu);
+		return SRV_CANCEL_WAITING;
+	}
 	r->wait_job = j;
 	r->wait_deadline = ib_now() + IB_SERVE_CANCEL_WAIT;
 	r->phase = PHASE_WAITING;

@@ -6,6 +6,8 @@
  */
 #include "server/server-internal.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -20,6 +22,8 @@ const srv_rpc srv_rpcs[] = {
 			       &imagebuilder__v1__cancel_build_response__descriptor },
 	[RPC_GET_IMAGE] = { "GetImage", IB_EP_GET_IMAGE, true, &imagebuilder__v1__get_image_request__descriptor,
 			    &imagebuilder__v1__get_image_response__descriptor },
+	[RPC_WATCH_BUILD] = { "WatchBuild", IB_EP_WATCH_BUILD, false, &imagebuilder__v1__watch_build_request__descriptor,
+			      &imagebuilder__v1__watch_build_response__descriptor, true },
 };
 
 /* Build ids are ours (32 lowercase hex digits); reject anything else early. */
@@ -150,7 +154,7 @@ static json_t *field(json_t *msg, const char *snake, const char *camel)
 }
 
 /* An integer field, as a number or a decimal string (proto3 int64). */
-static int int_field(int64_t *out, json_t *msg, const char *snake, const char *camel)
+int srv_int_field(int64_t *out, json_t *msg, const char *snake, const char *camel)
 {
 	json_t *v = field(msg, snake, camel);
 	uint64_t u;
@@ -180,21 +184,50 @@ static const char *string_field(json_t *msg, const char *snake, const char *came
 	return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-/* READY, cached: the answer for r->image_id and r->build_id. */
+/* READY, cached: the answer for image_id and build_id. */
+json_t *srv_cached_answer(ib_server *srv, const char *image_id, const char *build_id)
+{
+	srv_touch_image(srv, image_id);
+	ib_metrics_image_lookup(srv->metrics, true);
+	return json_pack("{s:s, s:s, s:s, s:b}", "image_id", image_id, "build_id", build_id, "status", "READY", "cached",
+			 1);
+}
+
+/* The same, as the Connect JSON body, written by hand: the hot path of a client polling BuildImage. */
 enum MHD_Result srv_respond_cached(req *r, struct MHD_Connection *c)
 {
-	char *body = ib_xasprintf("{\"image_id\":\"%s\",\"build_id\":\"%s\",\"status\":\"READY\",\"cached\":true}",
-				  r->image_id, r->build_id);
+	char *body;
 
+	r->cached = 1;
+	if (r->proto)
+		return srv_respond_json(r, c, srv_cached_answer(r->srv, r->image_id, r->build_id));
 	srv_touch_image(r->srv, r->image_id);
 	ib_metrics_image_lookup(r->srv->metrics, true);
-	r->cached = 1;
-	if (r->proto) {
-		json_t *doc = json_loads(body, 0, NULL);
-		free(body);
-		return srv_respond_json(r, c, doc);
-	}
+	body = ib_xasprintf("{\"image_id\":\"%s\",\"build_id\":\"%s\",\"status\":\"READY\",\"cached\":true}",
+			    r->image_id, r->build_id);
 	return srv_respond(r, c, MHD_HTTP_OK, "application/json", body, strlen(body));
+}
+
+int srv_call_error(srv_call *c, ib_connect_code code, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	free(c->message);
+	if (vasprintf(&c->message, fmt, ap) < 0)
+		abort();
+	va_end(ap);
+	c->code = code;
+	return SRV_CALL_ERROR;
+}
+
+static int answer(srv_call *c, json_t *doc)
+{
+	if (!doc)
+		return srv_call_error(c, IB_CONNECT_INTERNAL, "cannot render the answer");
+	json_decref(c->answer);
+	c->answer = doc;
+	return SRV_CALL_OK;
 }
 
 /*
@@ -236,9 +269,9 @@ static int limits_field(ib_limits *out, json_t *msg, const ib_limits *server)
 			    over, want, max);
 }
 
-static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t *msg)
+static int rpc_build_image(srv_call *c, json_t *msg)
 {
-	ib_server *srv = r->srv;
+	ib_server *srv = c->srv;
 	json_t *spec_v = field(msg, "spec", "spec"), *force_v = field(msg, "force_build", "forceBuild");
 	char *doc = NULL;
 	size_t len;
@@ -248,21 +281,21 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 	int64_t timeout = 0;
 	ib_limits limits;
 	int err, rc;
-	enum MHD_Result ret;
+	int ret;
 	bool force = force_v && json_is_true(force_v);
 
 	if (!spec_v)
-		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "spec: required");
+		return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "spec: required");
 	if (force_v && !json_is_boolean(force_v))
-		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "force_build: must be a boolean");
-	if ((rc = int_field(&timeout, msg, "timeout_s", "timeoutS")) < 0 || timeout < 0 || timeout > IB_TIMEOUT_MAX)
-		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT,
+		return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "force_build: must be a boolean");
+	if ((rc = srv_int_field(&timeout, msg, "timeout_s", "timeoutS")) < 0 || timeout < 0 || timeout > IB_TIMEOUT_MAX)
+		return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT,
 				     "timeout_s: must be a whole number of seconds from 1 to %d (0: the default, %d)",
 				     IB_TIMEOUT_MAX, IB_STEP_TIMEOUT_DEFAULT);
 	if (timeout == 0)
 		timeout = IB_STEP_TIMEOUT_DEFAULT;
 	if (limits_field(&limits, msg, &srv->cfg->limits) < 0)
-		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "%s", ib_error_last());
+		return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "%s", ib_error_last());
 
 	/* The spec as an object, or as a JSON document in a string. */
 	if (json_is_object(spec_v)) {
@@ -274,40 +307,41 @@ static enum MHD_Result rpc_build_image(req *r, struct MHD_Connection *c, json_t 
 		/* keep NUL bytes: the spec parser names the field that holds one */
 		memcpy(doc, json_string_value(spec_v), len);
 	} else {
-		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT,
+		return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT,
 				     "spec: must be an object (or a string holding a JSON document), not %s",
 				     ib_field_type_name(spec_v));
 	}
 	if ((err = ib_spec_parse(&spec, doc, len)) < 0) {
 		const char *m = ib_error_last();
-		ret = err == IB_EINVALID ? srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "%s%s",
+		ret = err == IB_EINVALID ? srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "%s%s",
 							 strncmp(m, "spec", 4) ? "spec." : "", m)
-					 : srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", m);
+					 : srv_call_error(c, IB_CONNECT_INTERNAL, "%s", m);
 		goto out;
 	}
 	if ((err = ib_build_new(&b, spec, srv->cfg)) < 0) {
-		ret = srv_respond_error(r, c, err == IB_EINVALID ? IB_CONNECT_INVALID_ARGUMENT : IB_CONNECT_INTERNAL,
+		ret = srv_call_error(c, err == IB_EINVALID ? IB_CONNECT_INVALID_ARGUMENT : IB_CONNECT_INTERNAL,
 					"%s", ib_error_last());
 		goto out;
 	}
-	snprintf(r->image_id, sizeof(r->image_id), "%s", ib_build_plan(b)->image_id);
+	snprintf(c->image_id, sizeof(c->image_id), "%s", ib_build_plan(b)->image_id);
 	err = srv_submit(srv, spec, b, force, timeout, &limits, &sub);
 	spec = NULL;
 	b = NULL;
 	if (err < 0) {
-		ret = srv_respond_error(r, c, sub.code, "%s", ib_error_last());
+		ret = srv_call_error(c, sub.code, "%s", ib_error_last());
 		goto out;
 	}
-	snprintf(r->build_id, sizeof(r->build_id), "%s", sub.build_id);
+	snprintf(c->build_id, sizeof(c->build_id), "%s", sub.build_id);
 	if (sub.cached) {
-		if (r->have_digest)
-			answer_store(srv, r->digest, r->image_id, r->build_id);
-		ret = srv_respond_cached(r, c);
+		if (c->digest)
+			answer_store(srv, c->digest, c->image_id, c->build_id);
+		c->cached = 1;
+		ret = answer(c, srv_cached_answer(srv, c->image_id, c->build_id));
 		goto out;
 	}
 	ib_metrics_image_lookup(srv->metrics, false);
-	r->cached = 0;
-	ret = srv_respond_json(r, c, json_pack("{s:s, s:s, s:s, s:b}", "image_id", r->image_id, "build_id", r->build_id,
+	c->cached = 0;
+	ret = answer(c, json_pack("{s:s, s:s, s:s, s:b}", "image_id", c->image_id, "build_id", c->build_id,
 					   "status", sub.status, "cached", 0));
 out:
 	ib_build_free(b);
@@ -317,108 +351,134 @@ out:
 }
 
 /* The build id of a GetBuild or CancelBuild request, or an error response. */
-static const char *build_id_arg(req *r, struct MHD_Connection *c, json_t *msg, enum MHD_Result *ret)
+const char *srv_build_id_arg(srv_call *c, json_t *msg)
 {
 	bool bad;
 	const char *id = string_field(msg, "build_id", "buildId", &bad);
 
 	if (!id || bad) {
-		*ret = srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "build_id: %s",
+		srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "build_id: %s",
 				     bad ? "must be a string" : "required");
 		return NULL;
 	}
 	if (!srv_build_id_ok(id)) {
 		char q[IB_FIELD_QUOTE_MAX];
-		*ret = srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no build %s",
+		srv_call_error(c, IB_CONNECT_NOT_FOUND, "no build %s",
 				     ib_field_quote(q, id, json_string_length(field(msg, "build_id", "buildId"))));
 		return NULL;
 	}
-	snprintf(r->build_id, sizeof(r->build_id), "%s", id);
+	snprintf(c->build_id, sizeof(c->build_id), "%s", id);
 	return id;
 }
 
 /* The base URL of rootfs and log links: --public-url, else the Host the client used. */
-static char *base_url(req *r, struct MHD_Connection *c)
+static char *base_url(srv_call *c)
 {
-	const char *host = srv_header_value(c, MHD_HTTP_HEADER_HOST);
+	const char *host = c->host;
 
-	if (r->srv->public_url)
-		return ib_xstrdup(r->srv->public_url);
+	if (c->srv->public_url)
+		return ib_xstrdup(c->srv->public_url);
 	if (host && *host && strlen(host) < 256 && !strpbrk(host, "/\\ \"<>"))
 		return ib_xasprintf("http://%s", host);
 	return ib_xstrdup("");
 }
 
-static enum MHD_Result rpc_get_build(req *r, struct MHD_Connection *c, json_t *msg)
+/*
+ * The GetBuild answer for build id (well formed): from memory, else from
+ * its record.  SRV_CALL_OK with c->answer, or an error.
+ */
+int srv_build_answer(srv_call *c, const char *id)
 {
-	ib_server *srv = r->srv;
+	ib_server *srv = c->srv;
 	ib_build_record rec;
-	enum MHD_Result ret;
-	const char *id = build_id_arg(r, c, msg, &ret);
 	json_t *doc = NULL;
 	char *base;
 	job *j;
 	int rc;
 
-	if (!id)
-		return ret;
 	pthread_mutex_lock(&srv->mu);
 	if ((j = srv_find_job(srv, id)))
 		doc = job_json_locked(srv, j);
 	pthread_mutex_unlock(&srv->mu);
 	if (!doc) {
 		if ((rc = ib_builds_get(srv->builds, id, &rec)) < 0)
-			return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
+			return srv_call_error(c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
 		if (rc == 0)
-			return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no build '%s'", id);
+			return srv_call_error(c, IB_CONNECT_NOT_FOUND, "no build '%s'", id);
 		doc = record_json(&rec);
 		ib_build_record_clear(&rec);
 	}
-	snprintf(r->image_id, sizeof(r->image_id), "%s", json_string_value(json_object_get(doc, "image_id")));
+	snprintf(c->image_id, sizeof(c->image_id), "%s", json_string_value(json_object_get(doc, "image_id")));
 	json_object_set_new(doc, "log_bytes", json_integer((json_int_t)srv_log_size(srv, id)));
 	/* absolute, like rootfs_url */
-	base = base_url(r, c);
+	base = base_url(c);
 	json_object_set_new(doc, "log_url", json_sprintf("%s/v1/builds/%s/logs", base, id));
 	free(base);
-	return srv_respond_json(r, c, doc);
+	return answer(c, doc);
 }
 
-enum MHD_Result srv_cancel_answer(req *r, struct MHD_Connection *c, const char *status)
+static int rpc_get_build(srv_call *c, json_t *msg)
 {
-	return srv_respond_json(r, c, json_pack("{s:s, s:s}", "build_id", r->build_id, "status", status));
+	const char *id = srv_build_id_arg(c, msg);
+
+	return id ? srv_build_answer(c, id) : SRV_CALL_ERROR;
 }
 
-static enum MHD_Result rpc_cancel_build(req *r, struct MHD_Connection *c, json_t *msg)
+int srv_cancel_answer(srv_call *c, const char *status)
 {
-	ib_server *srv = r->srv;
+	return answer(c, json_pack("{s:s, s:s}", "build_id", c->build_id, "status", status));
+}
+
+static int rpc_cancel_build(srv_call *c, json_t *msg)
+{
+	ib_server *srv = c->srv;
 	ib_build_record rec;
-	enum MHD_Result ret;
-	const char *id = build_id_arg(r, c, msg, &ret), *status = NULL;
-	int rc;
+	const char *id = srv_build_id_arg(c, msg), *status = NULL;
+	int rc, ret;
 
 	if (!id)
-		return ret;
-	switch (srv_cancel(srv, id, r, &status)) {
+		return SRV_CALL_ERROR;
+	switch (srv_cancel(srv, id, c, &status)) {
 	case SRV_CANCEL_ANSWERED:
-		return srv_cancel_answer(r, c, status);
+		return srv_cancel_answer(c, status);
 	case SRV_CANCEL_WAITING:
-		return MHD_YES;
+		return SRV_CALL_WAIT;
 	case SRV_CANCEL_UNKNOWN:
 		break;
 	}
 	if ((rc = ib_builds_get(srv->builds, id, &rec)) < 0)
-		return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
+		return srv_call_error(c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
 	if (rc == 0)
-		return srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no build '%s'", id);
-	snprintf(r->image_id, sizeof(r->image_id), "%s", rec.image_id);
-	ret = srv_cancel_answer(r, c, rec.status);
+		return srv_call_error(c, IB_CONNECT_NOT_FOUND, "no build '%s'", id);
+	snprintf(c->image_id, sizeof(c->image_id), "%s", rec.image_id);
+	ret = srv_cancel_answer(c, rec.status);
 	ib_build_record_clear(&rec);
 	return ret;
 }
 
-static enum MHD_Result rpc_get_image(req *r, struct MHD_Connection *c, json_t *msg)
+/*
+ * A CancelBuild waiting for its build to stop, polled by a caller that
+ * has no suspended request (HTTP/2): SRV_CALL_WAIT while it runs and the
+ * wait has time left, else the answer.
+ */
+int srv_cancel_poll(srv_call *c)
 {
-	ib_server *srv = r->srv;
+	ib_server *srv = c->srv;
+	const char *status = NULL;
+
+	pthread_mutex_lock(&srv->mu);
+	if (IS_FINAL(c->wait_job->status) || ib_now() >= c->wait_deadline || srv->stopping) {
+		status = srv_status_names[c->wait_job->status];
+		srv_job_unref_locked(c->wait_job);
+		c->wait_job = NULL;
+	}
+	pthread_mutex_unlock(&srv->mu);
+	return status ? srv_cancel_answer(c, status) : SRV_CALL_WAIT;
+}
+
+static int rpc_get_image(srv_call *c, json_t *msg)
+{
+	ib_server *srv = c->srv;
 	ib_image_info info = { 0 };
 	json_t *doc, *layers;
 	bool bad;
@@ -428,26 +488,26 @@ static enum MHD_Result rpc_get_image(req *r, struct MHD_Connection *c, json_t *m
 	int rc;
 
 	if (!id || bad)
-		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "image_id: %s",
+		return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "image_id: %s",
 					 bad ? "must be a string" : "required");
 	if (!ib_is_hex64(id)) {
 		char q[IB_FIELD_QUOTE_MAX];
-		return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT,
+		return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT,
 					 "image_id: %s is not an image id (64 hex digits)", ib_field_quote(q, id, strlen(id)));
 	}
-	snprintf(r->image_id, sizeof(r->image_id), "%s", id);
+	snprintf(c->image_id, sizeof(c->image_id), "%s", id);
 	if ((rc = ib_cache_image_get(srv->cache, id, &info)) <= 0)
-		return rc < 0 ? srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last())
-			      : srv_respond_error(r, c, IB_CONNECT_NOT_FOUND, "no image '%s'", id);
+		return rc < 0 ? srv_call_error(c, IB_CONNECT_INTERNAL, "%s", ib_error_last())
+			      : srv_call_error(c, IB_CONNECT_NOT_FOUND, "no image '%s'", id);
 	m = info.meta;
 	if (!info.ext4_sha256[0] && ib_cache_image_digest(srv->cache, id, info.ext4_sha256) < 0) {
 		ib_image_info_clear(&info);
-		return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
+		return srv_call_error(c, IB_CONNECT_INTERNAL, "%s", ib_error_last());
 	}
 	layers = json_array();
 	for (size_t i = 0; i < info.nlayers; i++)
 		json_array_append_new(layers, json_string(info.layers[i]));
-	base = base_url(r, c);
+	base = base_url(c);
 	ib_http_time(created, (double)info.created);
 	doc = json_pack("{s:s, s:s, s:o, s:O, s:o, s:s, s:I, s:I, s:s, s:o, s:s+++, s:s+++, s:s+++}", "image_id",
 			info.id, "arch", info.arch, "base", m->base ? json_string(m->base) : json_null(), "env", m->env,
@@ -460,8 +520,8 @@ static enum MHD_Result rpc_get_image(req *r, struct MHD_Connection *c, json_t *m
 	free(base);
 	ib_image_info_clear(&info);
 	if (!doc)
-		return srv_respond_error(r, c, IB_CONNECT_INTERNAL, "cannot render image '%s'", id);
-	return srv_respond_json(r, c, doc);
+		return srv_call_error(c, IB_CONNECT_INTERNAL, "cannot render image '%s'", id);
+	return answer(c, doc);
 }
 
 /* ---- routing ---- */
@@ -477,43 +537,127 @@ rpc_kind srv_rpc_of(const char *url)
 	return RPC_NONE;
 }
 
-enum MHD_Result srv_dispatch_rpc(req *r, struct MHD_Connection *c, rpc_kind k, const char *data, size_t len)
+int srv_call_decode(srv_call *c, const ProtobufCMessageDescriptor *d, bool proto, const char *data, size_t len,
+		    json_t **out)
 {
-	json_t *msg;
 	json_error_t jerr;
-	enum MHD_Result ret;
+	json_t *msg;
 
-	r->rpc = (int)k;
+	*out = NULL;
 	/* An empty body is the empty message, as in Connect. */
 	if (len == 0) {
 		msg = json_object();
-	} else if (r->proto) {
-		ProtobufCMessage *m = protobuf_c_message_unpack(srv_rpcs[k].in, NULL, len, (const uint8_t *)data);
+	} else if (proto) {
+		ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, (const uint8_t *)data);
 		if (!m)
-			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: not a valid %s message",
-						 srv_rpcs[k].in->name);
+			return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "request: not a valid %s message", d->name);
 		msg = srv_pb_to_json(m);
 		protobuf_c_message_free_unpacked(m, NULL);
 		if (!msg)
-			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: %s", ib_error_last());
+			return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "request: %s", ib_error_last());
 	} else {
 		msg = json_loadb(data, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
 		if (!msg)
-			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: invalid JSON at line %d column %d: %s",
-					     jerr.line, jerr.column, jerr.text);
+			return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT,
+					      "request: invalid JSON at line %d column %d: %s", jerr.line, jerr.column,
+					      jerr.text);
 		if (!json_is_object(msg)) {
 			json_decref(msg);
-			return srv_respond_error(r, c, IB_CONNECT_INVALID_ARGUMENT, "request: must be a JSON object");
+			return srv_call_error(c, IB_CONNECT_INVALID_ARGUMENT, "request: must be a JSON object");
 		}
 	}
-	switch (k) {
-	case RPC_BUILD_IMAGE: ret = rpc_build_image(r, c, msg); break;
-	case RPC_GET_BUILD: ret = rpc_get_build(r, c, msg); break;
-	case RPC_CANCEL_BUILD: ret = rpc_cancel_build(r, c, msg); break;
-	case RPC_GET_IMAGE: ret = rpc_get_image(r, c, msg); break;
-	default: ret = srv_respond_error(r, c, IB_CONNECT_UNIMPLEMENTED, "no such method"); break;
+	*out = msg;
+	return SRV_CALL_OK;
+}
+
+int srv_call_run(srv_call *c, bool proto, const char *data, size_t len)
+{
+	json_t *msg;
+	int ret;
+
+	if (srv_call_decode(c, srv_rpcs[c->k].in, proto, data, len, &msg) < 0)
+		return SRV_CALL_ERROR;
+	switch (c->k) {
+	case RPC_BUILD_IMAGE: ret = rpc_build_image(c, msg); break;
+	case RPC_GET_BUILD: ret = rpc_get_build(c, msg); break;
+	case RPC_CANCEL_BUILD: ret = rpc_cancel_build(c, msg); break;
+	case RPC_GET_IMAGE: ret = rpc_get_image(c, msg); break;
+	case RPC_WATCH_BUILD: ret = srv_watch_start(c, msg); break;
+	default: ret = srv_call_error(c, IB_CONNECT_UNIMPLEMENTED, "no such method"); break;
 	}
 	json_decref(msg);
+	return ret;
+}
+
+int srv_call_encode(srv_call *c, const ProtobufCMessageDescriptor *d, bool proto, json_t *doc, char **out,
+		    size_t *out_len)
+{
+	ProtobufCMessage *m = NULL;
+
+	*out = NULL;
+	if (!proto) {
+		*out = srv_dump_json(doc, 0);
+		*out_len = strlen(*out);
+		return SRV_CALL_OK;
+	}
+	/* the same answer as binary Protobuf */
+	if (srv_pb_from_json(d, doc, &m) < 0)
+		return srv_call_error(c, IB_CONNECT_INTERNAL, "cannot encode the answer: %s", ib_error_last());
+	*out_len = protobuf_c_message_get_packed_size(m);
+	*out = ib_xmalloc(*out_len ? *out_len : 1);
+	protobuf_c_message_pack(m, (uint8_t *)*out);
+	protobuf_c_message_free_unpacked(m, NULL);
+	return SRV_CALL_OK;
+}
+
+void srv_call_init(srv_call *c, ib_server *srv, rpc_kind k, const char *host)
+{
+	memset(c, 0, sizeof(*c));
+	c->srv = srv;
+	c->k = k;
+	c->cached = -1;
+	c->host = host && strlen(host) < 256 ? ib_xstrdup(host) : NULL;
+}
+
+void srv_call_clear(srv_call *c)
+{
+	if (c->wait_job)
+		srv_job_unref(c->srv, c->wait_job);
+	srv_watch_free(c->watch);
+	json_decref(c->answer);
+	free(c->message);
+	free(c->host);
+	memset(c, 0, sizeof(*c));
+}
+
+/* A Connect unary call over HTTP/1.1: the call's outcome as r's answer. */
+enum MHD_Result srv_dispatch_rpc(req *r, struct MHD_Connection *c, rpc_kind k, const char *data, size_t len)
+{
+	srv_call call;
+	enum MHD_Result ret;
+	int rc;
+
+	r->rpc = (int)k;
+	if (srv_rpcs[k].streaming)
+		return srv_respond_http(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, IB_CONNECT_UNIMPLEMENTED, "Accept-Post",
+					"application/connect+json, application/connect+proto",
+					"a server-streaming method: application/connect+json or +proto (or gRPC, gRPC-Web)");
+	srv_call_init(&call, r->srv, k, srv_header_value(c, MHD_HTTP_HEADER_HOST));
+	call.r = r;
+	call.digest = r->have_digest ? r->digest : NULL;
+	rc = srv_call_run(&call, r->proto, data, len);
+	memcpy(r->build_id, call.build_id, sizeof(r->build_id));
+	memcpy(r->image_id, call.image_id, sizeof(r->image_id));
+	r->cached = call.cached;
+	if (rc == SRV_CALL_OK) {
+		ret = srv_respond_json(r, c, call.answer);
+		call.answer = NULL;
+	} else if (rc == SRV_CALL_WAIT) {
+		ret = MHD_YES; /* r is suspended until its build stops */
+	} else {
+		ret = srv_respond_error(r, c, call.code, "%s", call.message);
+	}
+	srv_call_clear(&call);
 	return ret;
 }
 

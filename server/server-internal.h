@@ -114,6 +114,10 @@ typedef struct req {
 	char build_id[IB_BUILD_ID_MAX];
 	char image_id[IB_SHA256_HEX];
 	int cached;          /* -1 n/a */
+	struct srv_exchange *x; /* a framed RPC (Connect streaming, gRPC-Web): the exchange */
+	struct MHD_Response *stream_resp;
+	bool suspended;      /* a stream with nothing to send: on srv->streams until the next tick */
+	struct req *snext;
 	/* CancelBuild waiting for its build to stop */
 	job *wait_job;
 	double wait_deadline;
@@ -137,7 +141,12 @@ struct ib_server {
 	int lock_fd;
 	int listen_fd;
 	unsigned port;
-	struct MHD_Daemon *mhd;
+	struct MHD_Daemon *mhd;   /* HTTP/1.1: connections the acceptor hands it */
+	pthread_t acceptor;       /* accepts, and sends each connection to HTTP/1.1 or HTTP/2 (h2.c) */
+	bool accepting;
+	int accept_wake;          /* eventfd: the acceptor stops */
+	unsigned h2_conns;        /* HTTP/2 connection threads alive (under mu) */
+	bool h2_stop;             /* they end their streams and close (under mu) */
 	double t_start;
 
 	pthread_mutex_t mu;
@@ -149,6 +158,7 @@ struct ib_server {
 	job *queue_head, *queue_tail;
 	unsigned nqueued, nbuilding, ninserting;
 	req *waiters;
+	req *streams;            /* suspended streaming answers, resumed each tick */
 	bool draining, stopping;
 	pthread_t *workers;
 	unsigned nworkers;
@@ -187,6 +197,7 @@ typedef enum rpc_kind {
 	RPC_GET_BUILD,
 	RPC_CANCEL_BUILD,
 	RPC_GET_IMAGE,
+	RPC_WATCH_BUILD,
 	RPC_COUNT,
 } rpc_kind;
 
@@ -196,11 +207,59 @@ typedef struct srv_rpc {
 	ib_endpoint ep;
 	bool side_effect_free; /* may come as a Connect GET */
 	const ProtobufCMessageDescriptor *in, *out; /* its messages (proto/imagebuilder/v1) */
+	bool streaming;        /* server-streaming: out is each message of the stream */
 } srv_rpc;
+
+typedef struct srv_watch srv_watch;
+
+/*
+ * One RPC, whatever carried it (Connect, gRPC, gRPC-Web; HTTP/1.1 or
+ * HTTP/2): what a handler reads, and its outcome.  Handlers return
+ * SRV_CALL_OK with answer set, SRV_CALL_ERROR with code and message set,
+ * or SRV_CALL_WAIT: CancelBuild waits for its build to stop (the request r
+ * is suspended, or without r the caller polls srv_cancel_poll()).
+ * WatchBuild answers SRV_CALL_OK with watch set, read by srv_watch_next().
+ */
+enum { SRV_CALL_ERROR = -1, SRV_CALL_OK = 0, SRV_CALL_WAIT = 1 };
+
+typedef struct srv_call {
+	ib_server *srv;
+	rpc_kind k;
+	char *host;                  /* Host or :authority (owned), for absolute URLs; NULL none */
+	struct req *r;               /* over libmicrohttpd: the request CancelBuild suspends */
+	const unsigned char *digest; /* BuildImage: SHA-256 of its body, to remember the answer by */
+	/* for the request log */
+	char build_id[IB_BUILD_ID_MAX];
+	char image_id[IB_SHA256_HEX];
+	int cached;                  /* -1 n/a */
+	/* the outcome */
+	json_t *answer;
+	ib_connect_code code;
+	char *message;
+	srv_watch *watch;
+	job *wait_job;               /* CancelBuild without r: the build it waits for */
+	double wait_deadline;
+} srv_call;
 
 extern const srv_rpc srv_rpcs[];
 
+/* One line of the request log. */
+typedef struct srv_access {
+	const char *method, *path, *remote;
+	const char *protocol; /* the RPC protocol (connect, grpc, grpc-web...), NULL for plain HTTP */
+	const char *http;     /* "1.1", "2" */
+	ib_endpoint ep;
+	unsigned status;
+	double seconds;
+	uint64_t bytes;
+	const char *code, *message, *build_id, *image_id;
+	int cached;
+	bool aborted;
+} srv_access;
+
 /* http.c: responses, the structured log, routing and libmicrohttpd's callbacks */
+void srv_log_access(const ib_server *srv, const srv_access *a);
+void srv_sockaddr_text(char out[46], const struct sockaddr *sa);
 char *srv_dump_json(const json_t *v, size_t flags);
 void srv_event(const ib_server *srv, json_t *obj);
 json_t *srv_time_or_null(double t);
@@ -212,6 +271,14 @@ enum MHD_Result srv_respond_error(req *r, struct MHD_Connection *c, ib_connect_c
 enum MHD_Result srv_respond_http(req *r, struct MHD_Connection *c, unsigned status, ib_connect_code code,
 				    const char *header, const char *value, const char *message);
 const char *srv_header_value(struct MHD_Connection *c, const char *name);
+/* h2.c: the acceptor and HTTP/2 */
+int srv_accept_start(ib_server *srv);
+void srv_accept_stop(ib_server *srv);
+/* End every HTTP/2 connection (their streams unavailable), and wait for their threads. */
+void srv_h2_stop(ib_server *srv);
+
+/* A request that ends is off srv->streams. */
+void srv_stream_forget(ib_server *srv, req *r);
 /* Start libmicrohttpd's threads on srv->listen_fd. */
 int srv_http_start(ib_server *srv);
 
@@ -267,7 +334,7 @@ typedef enum srv_cancel_result {
 	SRV_CANCEL_WAITING,  /* running: r is suspended until it stops or the wait runs out */
 } srv_cancel_result;
 
-srv_cancel_result srv_cancel(ib_server *srv, const char *id, req *r, const char **out_status);
+srv_cancel_result srv_cancel(ib_server *srv, const char *id, srv_call *c, const char **out_status);
 
 /* The builder threads and the timer: started once, stopped (joined) once. */
 int srv_threads_start(ib_server *srv);
@@ -277,10 +344,119 @@ void srv_threads_stop(ib_server *srv);
 bool srv_build_id_ok(const char *s);
 bool srv_answer_lookup(ib_server *srv, const unsigned char key[IB_SHA256_LEN], char image_id[IB_SHA256_HEX],
 			  char build_id[IB_BUILD_ID_MAX]);
+json_t *srv_cached_answer(ib_server *srv, const char *image_id, const char *build_id);
 enum MHD_Result srv_respond_cached(req *r, struct MHD_Connection *c);
-enum MHD_Result srv_cancel_answer(req *r, struct MHD_Connection *c, const char *status);
+void srv_call_init(srv_call *c, ib_server *srv, rpc_kind k, const char *host);
+void srv_call_clear(srv_call *c);
+int srv_call_error(srv_call *c, ib_connect_code code, const char *fmt, ...) IB_PRINTF(3, 4);
+/* A request message d, binary or JSON, as the JSON document the handlers read. */
+int srv_call_decode(srv_call *c, const ProtobufCMessageDescriptor *d, bool proto, const char *data, size_t len,
+		    json_t **out);
+/* Decode a request (binary or JSON) and run its method. */
+int srv_call_run(srv_call *c, bool proto, const char *data, size_t len);
+/* An answer's JSON document as bytes: JSON, or the binary message d. */
+int srv_call_encode(srv_call *c, const ProtobufCMessageDescriptor *d, bool proto, json_t *doc, char **out,
+		    size_t *out_len);
+int srv_build_answer(srv_call *c, const char *id);
+/* An integer field, as a number or a decimal string (proto3 int64): 1 found, 0 absent, -1 bad. */
+int srv_int_field(int64_t *out, json_t *msg, const char *snake, const char *camel);
+/* The build_id of a request, checked (NULL with c's error set). */
+const char *srv_build_id_arg(srv_call *c, json_t *msg);
+int srv_cancel_answer(srv_call *c, const char *status);
+int srv_cancel_poll(srv_call *c);
 rpc_kind srv_rpc_of(const char *url);
 enum MHD_Result srv_dispatch_rpc(req *r, struct MHD_Connection *c, rpc_kind k, const char *data, size_t len);
 enum MHD_Result srv_connect_get(req *r, struct MHD_Connection *c, rpc_kind k);
+
+/* ---- wire.c: the RPC protocols, whatever the transport ---- */
+
+typedef enum srv_wire {
+	WIRE_NONE = -1,
+	WIRE_CONNECT,        /* Connect unary: application/json, application/proto */
+	WIRE_CONNECT_STREAM, /* Connect streaming: application/connect+json, +proto */
+	WIRE_GRPC,           /* application/grpc[+proto|+json]: HTTP/2 only (trailers) */
+	WIRE_GRPC_WEB,       /* application/grpc-web[+proto|+json] */
+	WIRE_GRPC_WEB_TEXT,  /* application/grpc-web-text[+proto]: the body in base64 */
+} srv_wire;
+
+typedef enum srv_service {
+	SVC_IMAGEBUILDER,
+	SVC_HEALTH_CHECK,
+	SVC_HEALTH_WATCH,
+	SVC_REFLECTION, /* v1 and v1alpha: the same messages */
+} srv_service;
+
+/* A request header's value (NULL: absent), from whichever transport carries it. */
+typedef const char *(*srv_header_fn)(void *ctx, const char *name);
+
+/*
+ * One RPC exchange on the wire: the request's bytes in (framed as its
+ * protocol frames them), the response's status, headers, body and
+ * trailers out.  The transport feeds it, sends what it has in out, and
+ * polls it while it runs (a stream, a CancelBuild wait).
+ */
+typedef struct srv_exchange {
+	ib_server *srv;
+	srv_wire wire;
+	srv_service svc;
+	bool proto;           /* binary Protobuf, not JSON */
+	bool h2;
+	bool gzip_body;       /* Connect unary: the body is gzip (Content-Encoding) */
+	bool gzip_msgs;       /* framed: flag 1 messages are gzip (grpc-encoding, connect-content-encoding) */
+	bool gzip_out;        /* the client takes gzip answers */
+	ib_buf in;            /* request bytes not consumed yet */
+	bool in_too_large;
+	bool ended;           /* the request is in */
+	bool running;         /* the method goes on: polled */
+	/* the response */
+	unsigned status;      /* HTTP status; 0 until known */
+	char ctype[48];
+	const char *content_encoding; /* Connect unary answer: "gzip" or NULL */
+	const char *msg_encoding;     /* framed answers: grpc-encoding / connect-content-encoding, or NULL */
+	ib_buf out;           /* body bytes ready to send */
+	bool done;            /* out holds the rest of the body; then trailers (gRPC) */
+	int grpc_status;      /* gRPC status code for the trailers */
+	char *grpc_message;   /* percent-encoded */
+	srv_call call;
+	char *service;        /* Health.Watch: the service watched */
+	char health_sent[24]; /* the status last sent to it */
+	uint64_t messages;    /* messages sent */
+} srv_exchange;
+
+/* The wire of a Content-Type, and whether it is binary. */
+srv_wire srv_wire_of(const char *ctype, bool *proto);
+/*
+ * A request's headers are in: route it (path), check the token and
+ * encodings.  An error ends the exchange at once (done).
+ */
+void srv_exchange_begin(srv_exchange *x, ib_server *srv, const char *path, srv_header_fn header, void *ctx,
+			bool h2);
+/* Request body bytes. */
+void srv_exchange_data(srv_exchange *x, const void *data, size_t len);
+/* The request is complete: run it. */
+void srv_exchange_end(srv_exchange *x);
+/* While running: more of the answer, when there is some. */
+void srv_exchange_poll(srv_exchange *x);
+/* Every stream still running ends with unavailable: the server is stopping. */
+void srv_exchange_abort(srv_exchange *x, const char *why);
+void srv_exchange_free(srv_exchange *x);
+const char *srv_wire_name(srv_wire w);
+
+/* grpcsvc.c: grpc.health.v1 and grpc.reflection */
+/* Health: the answer (HealthCheckResponse document) for a service name; NULL: unknown service. */
+json_t *srv_health_status(ib_server *srv, const char *service);
+/* Reflection: the answer document to one ServerReflectionRequest document. */
+json_t *srv_reflect(json_t *request);
+
+/* watch.c: WatchBuild's stream */
+int srv_watch_start(srv_call *c, json_t *msg);
+/*
+ * The stream's next messages (WatchBuildResponse documents) appended to
+ * events: SRV_CALL_WAIT when more will come, SRV_CALL_OK when these end
+ * the stream, SRV_CALL_ERROR (c's code and message) when it ends in an
+ * error.  Never blocks.
+ */
+int srv_watch_next(srv_call *c, json_t *events);
+void srv_watch_free(srv_watch *w);
 
 #endif

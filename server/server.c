@@ -96,7 +96,7 @@ int ib_server_start(ib_server **out, ib_cache *cache, const ib_server_opts *opts
 	int err = 0;
 
 	srv->cache = cache;
-	srv->lock_fd = srv->listen_fd = -1;
+	srv->lock_fd = srv->listen_fd = srv->accept_wake = -1;
 	srv->log_fd = opts->log_fd;
 	srv->listen = ib_xstrdup(opts->listen ? opts->listen : "127.0.0.1:8470");
 	srv->public_url = opts->public_url ? ib_xstrdup(opts->public_url) : NULL;
@@ -209,13 +209,11 @@ void ib_server_stop_accepting(ib_server *srv)
 	}
 	if (first && srv->mhd) {
 		/*
-		 * The listening socket leaves the daemon; shutting it down makes
-		 * new connections fail at once instead of waiting in the backlog.
-		 * It is closed only after MHD_stop_daemon, as MHD asks.
+		 * New connections fail at once instead of waiting in the backlog;
+		 * the socket is closed when the server is freed.
 		 */
-		MHD_socket fd = MHD_quiesce_daemon(srv->mhd);
-		if (fd != MHD_INVALID_SOCKET)
-			shutdown(fd, SHUT_RDWR);
+		srv_accept_stop(srv);
+		shutdown(srv->listen_fd, SHUT_RDWR);
 		srv_event(srv, json_pack("{s:s, s:b}", "event", "draining", "cancel_running", srv->cancel_on_shutdown));
 	}
 	if (srv->cancel_on_shutdown)
@@ -264,6 +262,8 @@ void ib_server_free(ib_server *srv)
 		ib_server_cancel_running(srv);
 	}
 	srv_threads_stop(srv);
+	srv_accept_stop(srv);
+	srv_h2_stop(srv);
 	/* no connection is suspended now: the timer resumed every waiter */
 	if (srv->mhd) {
 		MHD_stop_daemon(srv->mhd);

@@ -101,7 +101,7 @@ u = urllib.parse.urlparse(sys.argv[1])
 body = b"x" * (900 * 1024)
 bad = 0
 for ctype, method, want in (("text/plain", "GetBuild", 415), ("application/json", "NoSuchMethod", 501),
-                            ("application/grpc-web", "GetBuild", 415)):
+                            ("application/xml", "GetBuild", 415)):
     c = http.client.HTTPConnection(u.hostname, u.port)
     try:
         c.request("POST", "/imagebuilder.v1.ImageBuilder/" + method, body=body, headers={"Content-Type": ctype})
