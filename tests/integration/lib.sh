@@ -146,3 +146,26 @@ npm_tool() {
 	fi
 	echo "$dir/node_modules/.bin/$2"
 }
+
+# npm_pkgs PACKAGE@VERSION...: libraries from the npm registry into
+# $IB_TEST_BUILD/npm, once, for node scripts run from there; skips (77) as
+# npm_tool does.
+npm_pkgs() {
+	dir="$IB_TEST_BUILD/npm"
+	missing=""
+	for p in "$@"; do
+		[ -f "$dir/node_modules/${p%@*}/package.json" ] &&
+			grep -q "\"version\": \"${p##*@}\"" "$dir/node_modules/${p%@*}/package.json" || missing="$missing $p"
+	done
+	[ -z "$missing" ] && return 0
+	command -v npm >/dev/null || fail "npm is not installed (scripts/install-deps.sh installs it)"
+	mkdir -p "$dir"
+	# shellcheck disable=SC2086
+	if ! npm install --prefix "$dir" --no-audit --no-fund --loglevel=error $missing >"$T/npm.log" 2>&1; then
+		if grep -qiE 'ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ETIMEDOUT|ECONNRESET|network' "$T/npm.log"; then
+			echo "skip: the npm registry cannot be reached: $(tail -1 "$T/npm.log")"
+			exit 77
+		fi
+		fail "npm install$missing: $(grep -v '^npm notice' "$T/npm.log" | tail -5 | tr '\n' ' ')"
+	fi
+}
