@@ -391,7 +391,15 @@ static void conn_run(h2_conn *hc)
 		if (nghttp2_session_mem_recv(hc->s, buf, (size_t)n) < 0)
 			break;
 	}
-	nghttp2_session_del(hc->s); /* closes the streams left, logging them */
+	nghttp2_session_del(hc->s);
+	/* streams the connection ended with (nghttp2 calls no callback for them) */
+	while (hc->streams) {
+		h2_stream *st = hc->streams;
+		hc->streams = st->next;
+		if (st->begun)
+			stream_log(hc, st, NGHTTP2_CANCEL);
+		stream_free(st);
+	}
 }
 
 static void *conn_main(void *arg)
