@@ -15,6 +15,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <nghttp2/nghttp2.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -31,6 +33,9 @@
 #define H2_MAX_STREAMS 128        /* concurrent streams a client may open */
 #define H2_HEADERS_MAX (64 * 1024) /* bytes of request headers per stream */
 #define H2_SEND_TIMEOUT 30        /* seconds a client may leave our writes unread */
+#define H2_CONN_BODY_MAX (4 * (size_t)IB_SERVE_BODY_MAX) /* request bytes held at once per connection */
+#define H2_CONNS_MAX 1024         /* HTTP/2 connections (threads) at once */
+#define PENDING_MAX 1024          /* connections not yet sniffed */
 
 typedef struct h2_header {
 	char *name, *value;
@@ -220,16 +225,27 @@ static void stream_begin(h2_conn *hc, h2_stream *st)
 
 /* ---- nghttp2 callbacks ---- */
 
-static ssize_t on_send(nghttp2_session *s, const uint8_t *data, size_t length, int flags, void *user)
+/* Everything nghttp2 has to send, in as few writes as it takes (small writes would meet Nagle). */
+static int conn_send(h2_conn *hc)
 {
-	h2_conn *hc = user;
-	ssize_t n;
+	for (;;) {
+		const uint8_t *data;
+		ssize_t n = nghttp2_session_mem_send(hc->s, &data), w;
+		size_t off = 0;
 
-	(void)s;
-	(void)flags;
-	while ((n = send(hc->fd, data, length, MSG_NOSIGNAL)) < 0 && errno == EINTR)
-		;
-	return n < 0 ? NGHTTP2_ERR_CALLBACK_FAILURE : n;
+		if (n < 0)
+			return -1;
+		if (n == 0)
+			return 0;
+		while (off < (size_t)n) {
+			w = send(hc->fd, data + off, (size_t)n - off, MSG_NOSIGNAL);
+			if (w < 0 && errno == EINTR)
+				continue;
+			if (w <= 0)
+				return -1; /* gone, or our writes left unread for H2_SEND_TIMEOUT */
+			off += (size_t)w;
+		}
+	}
 }
 
 static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *user)
@@ -293,8 +309,17 @@ static int on_data(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t 
 		return 0;
 	if (!st->begun)
 		stream_begin(hc, st);
-	if (!st->plain)
+	if (!st->plain) {
+		size_t held = 0;
+		for (h2_stream *o = hc->streams; o; o = o->next)
+			held += o->x.in.len;
+		if (held + len > H2_CONN_BODY_MAX) {
+			/* too much at once on this connection: this request fails (resource_exhausted) */
+			st->x.in_too_large = true;
+			ib_buf_free(&st->x.in);
+		}
 		srv_exchange_data(&st->x, data, len);
+	}
 	stream_flush(hc, st);
 	return 0;
 }
@@ -329,11 +354,12 @@ static void conn_run(h2_conn *hc)
 		{ NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, H2_HEADERS_MAX },
 	};
 	struct timeval tv = { .tv_sec = H2_SEND_TIMEOUT };
+	int one = 1;
 	uint8_t buf[16 * 1024];
 
 	setsockopt(hc->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	setsockopt(hc->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nghttp2_session_callbacks_new(&cb);
-	nghttp2_session_callbacks_set_send_callback(cb, on_send);
 	nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
 	nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
 	nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
@@ -369,7 +395,7 @@ static void conn_run(h2_conn *hc)
 					      NGHTTP2_NO_ERROR, NULL, 0);
 			hc->goaway = true;
 		}
-		if (nghttp2_session_send(hc->s) != 0)
+		if (conn_send(hc) < 0)
 			break;
 		if (!nghttp2_session_want_read(hc->s) && !nghttp2_session_want_write(hc->s))
 			break;
@@ -427,6 +453,12 @@ static void start_h2(ib_server *srv, int fd, const struct sockaddr *sa)
 	hc->fd = fd;
 	srv_sockaddr_text(hc->remote, sa);
 	pthread_mutex_lock(&srv->mu);
+	if (srv->h2_conns >= H2_CONNS_MAX) {
+		pthread_mutex_unlock(&srv->mu);
+		close(fd);
+		free(hc);
+		return;
+	}
 	srv->h2_conns++;
 	pthread_mutex_unlock(&srv->mu);
 	pthread_attr_init(&attr);
@@ -478,6 +510,7 @@ static void *accept_main(void *arg)
 {
 	ib_server *srv = arg;
 	pending *list = NULL;
+	size_t npending = 0;
 	int ep = epoll_create1(EPOLL_CLOEXEC);
 	struct epoll_event ev = { .events = EPOLLIN, .data.fd = srv->listen_fd };
 
@@ -502,6 +535,12 @@ static void *accept_main(void *arg)
 						free(p);
 						break;
 					}
+					if (npending >= PENDING_MAX) {
+						close(p->fd); /* a flood of silent connections */
+						free(p);
+						continue;
+					}
+					npending++;
 					p->since = ib_now();
 					p->next = list;
 					list = p;
@@ -530,6 +569,7 @@ static void *accept_main(void *arg)
 				close(p->fd);
 			}
 			drop(pp);
+			npending--;
 		}
 		if (stop)
 			break;
