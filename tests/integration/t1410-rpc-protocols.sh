@@ -111,7 +111,28 @@ for m in BuildImage GetBuild CancelBuild GetImage WatchBuild; do
 	grep -qx "imagebuilder.v1.ImageBuilder/$m" "$T/methods" || fail "reflection lists no $m: $(cat "$T/methods")"
 done
 grep -qx grpc.health.v1.Health/Watch "$T/methods" || fail "reflection lists no Health/Watch"
-ok "gRPC without a token: unauthenticated; health needs none; reflection needs the token and lists every method"
+"$BUF" curl --protocol grpc --http2-prior-knowledge --reflect-header "$AUTH" --reflect-protocol grpc-v1alpha \
+	--list-methods "$URL" > "$T/methods1a" || fail "reflection v1alpha: list-methods"
+cmp -s "$T/methods" "$T/methods1a" || fail "reflection v1alpha lists other methods: $(cat "$T/methods1a")"
+ok "gRPC without a token: unauthenticated; health needs none; reflection (v1 and v1alpha) needs the token" \
+	"and lists every method"
+
+# gRPC with the JSON codec (application/grpc+json), by hand: the message, then the status in the trailers
+printf '{"build_id": "%s"}' "$BID" > "$T/gj.json"
+$PY -c 'import struct, sys; m = open(sys.argv[1], "rb").read(); sys.stdout.buffer.write(b"\0" + struct.pack(">I", len(m)) + m)' \
+	"$T/gj.json" > "$T/gj.bin"
+curl -s --http2-prior-knowledge -X POST -H 'Content-Type: application/grpc+json' -H 'TE: trailers' -H "$AUTH" \
+	--data-binary @"$T/gj.bin" -D "$T/gj.hdr" -o "$T/gj.out" "$URL/imagebuilder.v1.ImageBuilder/GetBuild" ||
+	fail "curl gRPC+JSON"
+grep -qi '^content-type: application/grpc+json' "$T/gj.hdr" && grep -qi '^grpc-status: 0' "$T/gj.hdr" ||
+	fail "gRPC+JSON headers and trailers: $(cat "$T/gj.hdr")"
+tail -c +6 "$T/gj.out" > "$T/gj.msg"
+[ "$(json_get "$T/gj.msg" 'd["status"]')" = READY ] || fail "gRPC+JSON answered $(cat "$T/gj.msg")"
+curl -s --http2-prior-knowledge -X POST -H 'Content-Type: application/grpc+json' -H 'TE: trailers' -H "$AUTH" \
+	--data-binary '' -D "$T/gj.hdr" -o /dev/null "$URL/imagebuilder.v1.ImageBuilder/GetBuild"
+grep -qi '^grpc-status: 3' "$T/gj.hdr" && grep -qi '^grpc-message: request: no message' "$T/gj.hdr" ||
+	fail "gRPC without a message: $(cat "$T/gj.hdr")"
+ok "gRPC+JSON by hand: the message, grpc-status 0 in the trailers; no message: trailers-only grpc-status 3"
 
 # -- connect-es, binary and JSON --
 cp "$TOP/tests/fixtures/rpc/connect-es.mjs" "$IB_TEST_BUILD/npm/connect-es.mjs"
