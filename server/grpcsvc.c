@@ -138,17 +138,26 @@ static json_t *error_answer(ib_connect_code code, const char *message)
 	return json_pack("{s:{s:i, s:s}}", "error_response", "error_code", (int)code + 1, "error_message", message);
 }
 
+/* A request field by its name or its lowerCamelCase JSON name (a JSON client may send either). */
+static json_t *get(json_t *request, const char *snake, const char *camel)
+{
+	json_t *v = json_object_get(request, snake);
+
+	return v ? v : json_object_get(request, camel);
+}
+
 json_t *srv_reflect(json_t *request)
 {
-	const char *by_name = json_string_value(json_object_get(request, "file_by_filename"));
-	const char *symbol = json_string_value(json_object_get(request, "file_containing_symbol"));
+	const char *by_name = json_string_value(get(request, "file_by_filename", "fileByFilename"));
+	const char *symbol = json_string_value(get(request, "file_containing_symbol", "fileContainingSymbol"));
+	json_t *ext = get(request, "all_extension_numbers_of_type", "allExtensionNumbersOfType");
 	json_t *ans = NULL, *original = json_deep_copy(request);
 	const Google__Protobuf__FileDescriptorProto *f = NULL;
 
 	pthread_once(&fileset_once, load_fileset);
 	if (!fileset) {
 		ans = error_answer(IB_CONNECT_INTERNAL, "the descriptor set does not parse");
-	} else if (json_object_get(request, "list_services")) {
+	} else if (get(request, "list_services", "listServices")) {
 		json_t *list = json_array();
 		for (size_t i = 0; i < NSERVICES; i++)
 			json_array_append_new(list, json_pack("{s:s}", "name", services[i]));
@@ -160,10 +169,10 @@ json_t *srv_reflect(json_t *request)
 			if (file_has(fileset->file[i], symbol))
 				f = fileset->file[i];
 		ans = f ? files_answer(f) : error_answer(IB_CONNECT_NOT_FOUND, "no such symbol");
-	} else if (json_object_get(request, "all_extension_numbers_of_type")) {
+	} else if (json_is_string(ext)) {
 		/* this schema extends nothing */
-		ans = json_pack("{s:{s:O, s:[]}}", "all_extension_numbers_response", "base_type_name",
-				json_object_get(request, "all_extension_numbers_of_type"), "extension_number");
+		ans = json_pack("{s:{s:O, s:[]}}", "all_extension_numbers_response", "base_type_name", ext,
+				"extension_number");
 	} else {
 		ans = error_answer(IB_CONNECT_NOT_FOUND, "no extensions here");
 	}

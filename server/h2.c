@@ -28,11 +28,13 @@
 
 #define PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #define PREFACE_LEN 24
-#define SNIFF_TIMEOUT 30.0        /* seconds a new connection may stay silent */
+#define SNIFF_TIMEOUT 10.0        /* seconds a new connection may stay silent */
 #define H2_TICK_MS 100            /* a connection with running streams polls them this often */
 #define H2_MAX_STREAMS 128        /* concurrent streams a client may open */
 #define H2_HEADERS_MAX (64 * 1024) /* bytes of request headers per stream */
 #define H2_SEND_TIMEOUT 30        /* seconds a client may leave our writes unread */
+#define H2_REQUEST_TIMEOUT 60.0   /* seconds from a stream's HEADERS to the end of its request */
+#define H2_OUT_HIGH (64 * 1024)   /* answer bytes a stream may have unsent before it is polled again */
 #define H2_CONN_BODY_MAX (4 * (size_t)IB_SERVE_BODY_MAX) /* request bytes held at once per connection */
 #define H2_CONNS_MAX 1024         /* HTTP/2 connections (threads) at once */
 #define PENDING_MAX 1024          /* connections not yet sniffed */
@@ -122,14 +124,11 @@ static ssize_t read_out(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len
 {
 	h2_stream *st = source->ptr;
 	srv_exchange *x = &st->x;
-	size_t n = x->out.len < length ? x->out.len : length;
+	size_t n = srv_exchange_take(x, buf, length);
 
 	(void)user;
-	memcpy(buf, x->out.ptr, n);
-	memmove(x->out.ptr, x->out.ptr + n, x->out.len - n);
-	x->out.len -= n;
 	st->bytes += n;
-	if (!x->out.len && x->done) {
+	if (!srv_exchange_pending(x) && x->done) {
 		*flags |= NGHTTP2_DATA_FLAG_EOF;
 		if (x->wire == WIRE_GRPC) {
 			char code[12];
@@ -164,14 +163,14 @@ static void stream_flush(h2_conn *hc, h2_stream *st)
 	nghttp2_data_provider prd = { .source.ptr = st, .read_callback = read_out };
 
 	if (st->responded) {
-		if (st->deferred && (x->out.len || x->done)) {
+		if (st->deferred && (srv_exchange_pending(x) || x->done)) {
 			st->deferred = false;
 			nghttp2_session_resume_data(hc->s, st->id);
 		}
 		return;
 	}
-	if (!x->out.len && !x->done)
-		return; /* nothing yet: headers go with the first message */
+	if (!srv_exchange_pending(x) && !x->done && !(x->status && x->wire != WIRE_CONNECT))
+		return; /* nothing yet: the headers go with the first message (or at once, when framed) */
 	st->responded = true;
 	snprintf(status, sizeof(status), "%u", x->status ? x->status : 200);
 	nva[n++] = (nghttp2_nv)NV(":status", status);
@@ -181,16 +180,31 @@ static void stream_flush(h2_conn *hc, h2_stream *st)
 	if (x->msg_encoding)
 		nva[n++] = x->wire == WIRE_CONNECT_STREAM ? (nghttp2_nv)NV("connect-content-encoding", x->msg_encoding)
 							  : (nghttp2_nv)NV("grpc-encoding", x->msg_encoding);
-	if (x->wire == WIRE_GRPC && x->done && !x->out.len) {
+	if (x->wire == WIRE_GRPC && x->done && !srv_exchange_pending(x)) {
 		/* trailers-only: the status in the one HEADERS frame */
 		snprintf(code, sizeof(code), "%d", x->grpc_status);
 		nva[n++] = (nghttp2_nv)NV("grpc-status", code);
 		if (x->grpc_message)
 			nva[n++] = (nghttp2_nv)NV("grpc-message", x->grpc_message);
-		nghttp2_submit_response(hc->s, st->id, nva, n, NULL);
+		if (nghttp2_submit_response(hc->s, st->id, nva, n, NULL) != 0)
+			nghttp2_submit_rst_stream(hc->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
 		return;
 	}
-	nghttp2_submit_response(hc->s, st->id, nva, n, &prd);
+	if (nghttp2_submit_response(hc->s, st->id, nva, n, &prd) != 0)
+		nghttp2_submit_rst_stream(hc->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
+}
+
+/* A fixed answer that is not an RPC. */
+static void plain_answer(h2_stream *st, unsigned status, const char *ctype, const char *body)
+{
+	st->plain = true;
+	memset(&st->x, 0, sizeof(st->x));
+	st->x.call.cached = -1;
+	st->x.status = status;
+	snprintf(st->x.ctype, sizeof(st->x.ctype), "%s", ctype);
+	ib_buf_puts(&st->x.out, body);
+	st->x.done = true;
+	st->x.ended = true;
 }
 
 /* The request's headers are in. */
@@ -206,28 +220,41 @@ static void stream_begin(h2_conn *hc, h2_stream *st)
 		pthread_mutex_lock(&hc->srv->mu);
 		draining = hc->srv->draining;
 		pthread_mutex_unlock(&hc->srv->mu);
-		st->plain = true;
-		memset(&st->x, 0, sizeof(st->x));
-		st->x.status = draining ? 503 : 200;
-		snprintf(st->x.ctype, sizeof(st->x.ctype), "text/plain");
-		ib_buf_puts(&st->x.out, draining ? "draining\n" : "ok\n");
-		st->x.done = true;
-		st->x.ended = true;
+		plain_answer(st, draining ? 503 : 200, "text/plain", draining ? "draining\n" : "ok\n");
+		return;
+	}
+	if (strcmp(st->method, "POST")) {
+		char *body = ib_connect_error_body(IB_CONNECT_UNIMPLEMENTED,
+						   "over HTTP/2 only RPCs (POST) and /healthz are served; "
+						   "logs and images are HTTP/1.1 downloads");
+		plain_answer(st, 405, "application/json", body);
+		free(body);
 		return;
 	}
 	srv_exchange_begin(&st->x, hc->srv, st->path, stream_header, st, true);
-	if (!st->x.done && strcmp(st->method, "POST")) {
-		srv_exchange_abort(&st->x, "only RPCs (POST) and /healthz are served over HTTP/2; "
-					   "logs and images are HTTP/1.1 downloads");
-		st->x.call.code = IB_CONNECT_NOT_FOUND;
-	}
 }
 
 /* ---- nghttp2 callbacks ---- */
 
-/* Everything nghttp2 has to send, in as few writes as it takes (small writes would meet Nagle). */
+static bool stopping(ib_server *srv)
+{
+	bool stop;
+
+	pthread_mutex_lock(&srv->mu);
+	stop = srv->h2_stop;
+	pthread_mutex_unlock(&srv->mu);
+	return stop;
+}
+
+/*
+ * Everything nghttp2 has to send, in as few writes as it takes (small
+ * writes would meet Nagle).  A client that leaves it unread for
+ * H2_SEND_TIMEOUT in all, or while the server stops, loses the connection.
+ */
 static int conn_send(h2_conn *hc)
 {
+	double deadline = ib_now() + H2_SEND_TIMEOUT;
+
 	for (;;) {
 		const uint8_t *data;
 		ssize_t n = nghttp2_session_mem_send(hc->s, &data), w;
@@ -238,12 +265,18 @@ static int conn_send(h2_conn *hc)
 		if (n == 0)
 			return 0;
 		while (off < (size_t)n) {
-			w = send(hc->fd, data + off, (size_t)n - off, MSG_NOSIGNAL);
-			if (w < 0 && errno == EINTR)
+			struct pollfd pfd = { .fd = hc->fd, .events = POLLOUT };
+
+			w = send(hc->fd, data + off, (size_t)n - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+			if (w > 0) {
+				off += (size_t)w;
 				continue;
-			if (w <= 0)
-				return -1; /* gone, or our writes left unread for H2_SEND_TIMEOUT */
-			off += (size_t)w;
+			}
+			if (w < 0 && errno != EINTR && errno != EAGAIN)
+				return -1;
+			if (ib_now() > deadline || stopping(hc->srv))
+				return -1;
+			poll(&pfd, 1, H2_TICK_MS);
 		}
 	}
 }
@@ -353,11 +386,9 @@ static void conn_run(h2_conn *hc)
 		{ NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, H2_MAX_STREAMS },
 		{ NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, H2_HEADERS_MAX },
 	};
-	struct timeval tv = { .tv_sec = H2_SEND_TIMEOUT };
 	int one = 1;
 	uint8_t buf[16 * 1024];
 
-	setsockopt(hc->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	setsockopt(hc->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	nghttp2_session_callbacks_new(&cb);
 	nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
@@ -373,23 +404,37 @@ static void conn_run(h2_conn *hc)
 	nghttp2_submit_settings(hc->s, NGHTTP2_FLAG_NONE, iv, sizeof(iv) / sizeof(iv[0]));
 	hc->idle_since = ib_now();
 
-	for (double stop_at = 0;;) {
+	for (double stop_at = 0, polled = 0;;) {
 		struct pollfd pfd = { .fd = hc->fd, .events = POLLIN };
-		bool running = false, stopping, draining;
+		bool running = false, stop, draining, tick;
+		double now = ib_now();
 		ssize_t n;
 
 		pthread_mutex_lock(&srv->mu);
-		stopping = srv->h2_stop;
+		stop = srv->h2_stop;
 		draining = srv->draining;
 		pthread_mutex_unlock(&srv->mu);
+		/* running streams move on once a tick, however much the client sends */
+		tick = now - polled >= H2_TICK_MS / 1e3;
+		if (tick)
+			polled = now;
 		for (h2_stream *st = hc->streams; st; st = st->next) {
-			if (stopping)
+			if (!st->begun)
+				continue;
+			if (!st->x.ended && now - st->t0 > H2_REQUEST_TIMEOUT) {
+				/* a request that never ends holds no thread */
+				nghttp2_submit_rst_stream(hc->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+				continue;
+			}
+			if (stop)
 				srv_exchange_abort(&st->x, SHUTDOWN_MESSAGE);
-			srv_exchange_poll(&st->x);
+			/* backpressure: a client that does not read gets no more made for it */
+			if (tick && srv_exchange_pending(&st->x) < H2_OUT_HIGH)
+				srv_exchange_poll(&st->x);
 			stream_flush(hc, st);
 			running = running || !st->x.done;
 		}
-		if ((draining || stopping) && !hc->goaway) {
+		if ((draining || stop) && !hc->goaway) {
 			/* no new streams; those open go on (until the server stops) */
 			nghttp2_submit_goaway(hc->s, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(hc->s),
 					      NGHTTP2_NO_ERROR, NULL, 0);
@@ -399,23 +444,25 @@ static void conn_run(h2_conn *hc)
 			break;
 		if (!nghttp2_session_want_read(hc->s) && !nghttp2_session_want_write(hc->s))
 			break;
-		if (stopping && !stop_at)
-			stop_at = ib_now() + 2; /* time for the last answers to go out */
-		if ((!hc->streams && stopping) || (stop_at && ib_now() > stop_at) ||
-		    (!hc->streams && ib_now() - hc->idle_since > IB_SERVE_IDLE_TIMEOUT))
+		if (stop && !stop_at)
+			stop_at = now + 2; /* time for the last answers to go out */
+		if ((!hc->streams && stop) || (stop_at && now > stop_at) ||
+		    (!hc->streams && now - hc->idle_since > IB_SERVE_IDLE_TIMEOUT))
 			break;
-		n = poll(&pfd, 1, running || stopping || draining ? H2_TICK_MS : 1000);
+		n = poll(&pfd, 1, running || stop || draining || hc->streams ? H2_TICK_MS : 1000);
 		if (n < 0 && errno != EINTR)
 			break;
 		if (n <= 0)
 			continue;
-		n = recv(hc->fd, buf, sizeof(buf), 0);
+		n = recv(hc->fd, buf, sizeof(buf), MSG_DONTWAIT);
 		if (n < 0 && (errno == EINTR || errno == EAGAIN))
 			continue;
 		if (n <= 0)
 			break;
-		if (nghttp2_session_mem_recv(hc->s, buf, (size_t)n) < 0)
+		if (nghttp2_session_mem_recv(hc->s, buf, (size_t)n) < 0) {
+			conn_send(hc); /* the GOAWAY nghttp2 queued says why */
 			break;
+		}
 	}
 	nghttp2_session_del(hc->s);
 	/* streams the connection ended with (nghttp2 calls no callback for them) */
@@ -480,6 +527,8 @@ typedef struct pending {
 	double since;
 	struct sockaddr_storage addr;
 	socklen_t addrlen;
+	bool ready; /* it sent something since it was last looked at */
+	bool hup;   /* and then hung up: what it sent is all there will be */
 	struct pending *next;
 } pending;
 
@@ -506,26 +555,41 @@ static int sniff(int fd)
 	return n == PREFACE_LEN ? 1 : -1;
 }
 
+/* A pending connection is decided: HTTP/2, HTTP/1.1, or closed (silent too long, gone, stopping). */
+static void decide(ib_server *srv, int ep, pending *p, int kind)
+{
+	epoll_ctl(ep, EPOLL_CTL_DEL, p->fd, NULL);
+	if (kind == 1)
+		start_h2(srv, p->fd, (struct sockaddr *)&p->addr);
+	else if (kind == 0) /* on failure (over its connection limit) MHD closes it */
+		MHD_add_connection(srv->mhd, p->fd, (struct sockaddr *)&p->addr, p->addrlen);
+	else
+		close(p->fd);
+}
+
 static void *accept_main(void *arg)
 {
+	static char listen_mark, wake_mark;
 	ib_server *srv = arg;
 	pending *list = NULL;
 	size_t npending = 0;
 	int ep = epoll_create1(EPOLL_CLOEXEC);
-	struct epoll_event ev = { .events = EPOLLIN, .data.fd = srv->listen_fd };
+	struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &listen_mark };
 
+	if (ep < 0)
+		abort(); /* no fd left at start: nothing to serve with */
 	epoll_ctl(ep, EPOLL_CTL_ADD, srv->listen_fd, &ev);
-	ev.data.fd = srv->accept_wake;
+	ev.data.ptr = &wake_mark;
 	epoll_ctl(ep, EPOLL_CTL_ADD, srv->accept_wake, &ev);
-	for (;;) {
+	for (bool stop = false; !stop;) {
 		struct epoll_event evs[64];
 		int n = epoll_wait(ep, evs, 64, 1000);
-		bool stop = false;
+		double now = ib_now();
 
 		for (int i = 0; i < n; i++) {
-			if (evs[i].data.fd == srv->accept_wake) {
+			if (evs[i].data.ptr == &wake_mark) {
 				stop = true;
-			} else if (evs[i].data.fd == srv->listen_fd) {
+			} else if (evs[i].data.ptr == &listen_mark) {
 				for (;;) {
 					pending *p = ib_xcalloc(1, sizeof(*p));
 					p->addrlen = sizeof(p->addr);
@@ -533,46 +597,49 @@ static void *accept_main(void *arg)
 							SOCK_CLOEXEC | SOCK_NONBLOCK);
 					if (p->fd < 0) {
 						free(p);
+						if (errno == EMFILE || errno == ENFILE)
+							usleep(100 * 1000); /* out of fds: the backlog waits */
 						break;
 					}
 					if (npending >= PENDING_MAX) {
-						close(p->fd); /* a flood of silent connections */
-						free(p);
-						continue;
+						/* a flood of silent connections: the oldest goes */
+						pending **pp = &list;
+						while ((*pp)->next)
+							pp = &(*pp)->next;
+						decide(srv, ep, *pp, -2);
+						drop(pp);
+						npending--;
 					}
 					npending++;
-					p->since = ib_now();
+					p->since = now;
 					p->next = list;
 					list = p;
-					ev.data.fd = p->fd;
+					/* edge-triggered: a partial preface held back does not spin */
+					ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+					ev.data.ptr = p;
 					epoll_ctl(ep, EPOLL_CTL_ADD, p->fd, &ev);
+					ev.events = EPOLLIN;
 				}
+			} else {
+				pending *p = evs[i].data.ptr;
+				p->ready = true;
+				p->hup = p->hup || (evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR));
 			}
 		}
-		/* every pending connection: decided, closed or timed out */
+		/* the pending connections that sent something, timed out, or all when stopping */
 		for (pending **pp = &list; *pp;) {
 			pending *p = *pp;
-			int kind = sniff(p->fd);
+			int kind = stop ? -2 : p->ready ? sniff(p->fd) : -1;
 
-			if (kind == -1 && ib_now() - p->since < SNIFF_TIMEOUT && !stop) {
+			p->ready = false;
+			if (kind == -1 && now - p->since < SNIFF_TIMEOUT && !p->hup) {
 				pp = &p->next;
 				continue;
 			}
-			epoll_ctl(ep, EPOLL_CTL_DEL, p->fd, NULL);
-			if (kind == 1 && !stop) {
-				fcntl(p->fd, F_SETFL, fcntl(p->fd, F_GETFL) & ~O_NONBLOCK);
-				start_h2(srv, p->fd, (struct sockaddr *)&p->addr);
-			} else if (kind == 0 && !stop) {
-				/* on failure (over its connection limit) MHD closes it */
-				MHD_add_connection(srv->mhd, p->fd, (struct sockaddr *)&p->addr, p->addrlen);
-			} else {
-				close(p->fd);
-			}
+			decide(srv, ep, p, kind == -1 ? -2 : kind);
 			drop(pp);
 			npending--;
 		}
-		if (stop)
-			break;
 	}
 	close(ep);
 	return NULL;
@@ -585,8 +652,11 @@ int srv_accept_start(ib_server *srv)
 	srv->accept_wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (srv->accept_wake < 0)
 		return ib_error_set_errno(errno, "eventfd");
-	if ((err = pthread_create(&srv->acceptor, NULL, accept_main, srv)) != 0)
+	if ((err = pthread_create(&srv->acceptor, NULL, accept_main, srv)) != 0) {
+		close(srv->accept_wake);
+		srv->accept_wake = -1;
 		return ib_error_set_errno(err, "cannot start the accept thread");
+	}
 	srv->accepting = true;
 	return 0;
 }

@@ -261,17 +261,6 @@ static bool wants_exchange(struct MHD_Connection *c, const char *url)
 	return (w != WIRE_NONE && w != WIRE_CONNECT) || !strncmp(url, "/grpc.", 6);
 }
 
-/* Take the sent front of the exchange's output off: n bytes into buf. */
-static size_t take_out(srv_exchange *x, char *buf, size_t max)
-{
-	size_t n = x->out.len < max ? x->out.len : max;
-
-	memcpy(buf, x->out.ptr, n);
-	memmove(x->out.ptr, x->out.ptr + n, x->out.len - n);
-	x->out.len -= n;
-	return n;
-}
-
 /* The body of a streaming answer; with nothing to send, the connection sleeps until the next tick. */
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
@@ -281,9 +270,15 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 	size_t n;
 
 	(void)pos;
-	if (!x->out.len && !x->done)
+	if (!srv_exchange_pending(x) && !x->done)
 		srv_exchange_poll(x);
-	if (!x->out.len && !x->done) {
+	if (!srv_exchange_pending(x) && !x->done) {
+		const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+		char b;
+
+		/* a client that has gone: the stream ends (nothing else would notice it while it sleeps) */
+		if (ci && recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0)
+			return MHD_CONTENT_READER_END_WITH_ERROR;
 		pthread_mutex_lock(&srv->mu);
 		if (srv->stopping) {
 			pthread_mutex_unlock(&srv->mu);
@@ -298,9 +293,9 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 			return 0;
 		}
 	}
-	if (!x->out.len && x->done)
+	if (!srv_exchange_pending(x) && x->done)
 		return MHD_CONTENT_READER_END_OF_STREAM;
-	n = take_out(x, buf, max);
+	n = srv_exchange_take(x, buf, max);
 	r->length += n;
 	return (ssize_t)n;
 }
@@ -324,8 +319,9 @@ static enum MHD_Result exchange_respond(req *r, struct MHD_Connection *c)
 	struct MHD_Response *resp;
 
 	if (x->done) {
-		resp = MHD_create_response_from_buffer(x->out.len, x->out.ptr, MHD_RESPMEM_MUST_COPY);
-		r->length = x->out.len;
+		resp = MHD_create_response_from_buffer(srv_exchange_pending(x), x->out.ptr + x->out_off,
+						       MHD_RESPMEM_MUST_COPY);
+		r->length = srv_exchange_pending(x);
 	} else {
 		resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_reader, r, NULL);
 	}

@@ -413,7 +413,8 @@ typedef struct srv_exchange {
 	char ctype[48];
 	const char *content_encoding; /* Connect unary answer: "gzip" or NULL */
 	const char *msg_encoding;     /* framed answers: grpc-encoding / connect-content-encoding, or NULL */
-	ib_buf out;           /* body bytes ready to send */
+	ib_buf out;           /* body bytes ready to send, from out_off (srv_exchange_take) */
+	size_t out_off;
 	bool done;            /* out holds the rest of the body; then trailers (gRPC) */
 	int grpc_status;      /* gRPC status code for the trailers */
 	char *grpc_message;   /* percent-encoded */
@@ -437,6 +438,9 @@ void srv_exchange_data(srv_exchange *x, const void *data, size_t len);
 void srv_exchange_end(srv_exchange *x);
 /* While running: more of the answer, when there is some. */
 void srv_exchange_poll(srv_exchange *x);
+/* Answer bytes not yet taken, and taking them. */
+size_t srv_exchange_pending(const srv_exchange *x);
+size_t srv_exchange_take(srv_exchange *x, void *buf, size_t max);
 /* Every stream still running ends with unavailable: the server is stopping. */
 void srv_exchange_abort(srv_exchange *x, const char *why);
 void srv_exchange_free(srv_exchange *x);

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define WATCH_CHUNK (32 * 1024)         /* log bytes per message */
@@ -23,6 +24,8 @@ struct srv_watch {
 	char status[16];   /* as last sent */
 	json_int_t position;
 	json_t *states;    /* the steps' states as last sent: an array of strings */
+	bool short_read;   /* the log file ended before the size it had */
+	int final_polls;   /* polls that saw the final status with the whole log sent */
 };
 
 void srv_watch_free(srv_watch *w)
@@ -87,8 +90,10 @@ static int add_log(srv_call *c, srv_watch *w, uint64_t end, json_t *events)
 			err = srv_call_error(c, IB_CONNECT_INTERNAL, "cannot read the build log: %s", strerror(errno));
 			break;
 		}
-		if (n == 0)
-			break; /* shorter than it was: nothing more yet */
+		if (n == 0) {
+			w->short_read = true; /* shorter than it was */
+			break;
+		}
 		data = srv_json_base64(buf, (size_t)n);
 		json_array_append_new(events, json_pack("{s:{s:I, s:o}}", "log", "offset", (json_int_t)w->offset, "data",
 							data));
@@ -97,6 +102,18 @@ static int add_log(srv_call *c, srv_watch *w, uint64_t end, json_t *events)
 	free(buf);
 	close(fd);
 	return err;
+}
+
+/* Did the build finish in the last two seconds? */
+static bool just_finished(json_t *doc)
+{
+	const char *at = json_string_value(json_object_get(doc, "finished_at"));
+	struct tm tm = { 0 };
+	const char *end;
+
+	if (!at || !(end = strptime(at, "%Y-%m-%dT%H:%M:%S", &tm)))
+		return false;
+	return ib_http_wallclock() - (double)timegm(&tm) < 3;
 }
 
 int srv_watch_next(srv_call *c, json_t *events)
@@ -142,8 +159,18 @@ int srv_watch_next(srv_call *c, json_t *events)
 		json_decref(doc);
 		return SRV_CALL_ERROR;
 	}
-	if (final && w->offset < log_bytes) {
+	if (final && w->offset < log_bytes && !w->short_read) {
 		/* the final snapshot waits for the rest of the log */
+		w->started = true;
+		json_decref(doc);
+		return SRV_CALL_WAIT;
+	}
+	/*
+	 * A build that has just ended may still get its last log line (a
+	 * build cancelled while queued, or at shutdown, has it written after
+	 * its status): one more poll before the stream ends.
+	 */
+	if (final && w->final_polls++ == 0 && just_finished(doc)) {
 		w->started = true;
 		json_decref(doc);
 		return SRV_CALL_WAIT;

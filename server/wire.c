@@ -25,6 +25,7 @@
 #include <strings.h>
 
 #define GZIP_MIN 512 /* answers shorter than this go uncompressed */
+#define EXCHANGE_OUT_MAX (4 << 20) /* answer bytes held for a client that does not read */
 #define FLAG_COMPRESSED 0x01
 #define FLAG_END_STREAM 0x02 /* Connect */
 #define FLAG_TRAILERS 0x80   /* gRPC-Web */
@@ -183,10 +184,13 @@ static void finish(srv_exchange *x, int code, const char *message)
 	if (x->done)
 		return;
 	x->running = false;
-	if (code >= 0 && x->call.code != (ib_connect_code)code) {
+	if (code >= 0) {
+		/* client bytes may be in it: valid UTF-8 from here on (JSON, trailers, the log) */
+		char *clean = ib_http_utf8_clean(message, 2048);
 		free(x->call.message);
-		x->call.message = ib_xstrdup(message);
+		x->call.message = clean;
 		x->call.code = (ib_connect_code)code;
+		message = clean;
 	}
 	switch (x->wire) {
 	case WIRE_NONE:
@@ -194,6 +198,7 @@ static void finish(srv_exchange *x, int code, const char *message)
 		if (code >= 0) {
 			char *body = ib_connect_error_body((ib_connect_code)code, message);
 			ib_buf_reset(&x->out);
+			x->out_off = 0;
 			ib_buf_puts(&x->out, body);
 			free(body);
 			x->status = ib_connect_http_status((ib_connect_code)code);
@@ -205,7 +210,7 @@ static void finish(srv_exchange *x, int code, const char *message)
 		json_t *end = code < 0 ? json_object()
 				       : json_pack("{s:{s:s, s:s}}", "error", "code",
 						   ib_connect_code_name((ib_connect_code)code), "message", message);
-		char *s = srv_dump_json(end, 0);
+		char *s = end ? srv_dump_json(end, 0) : ib_xstrdup("{\"error\":{\"code\":\"internal\"}}");
 		emit_frame(x, FLAG_END_STREAM, s, strlen(s));
 		free(s);
 		json_decref(end);
@@ -270,6 +275,7 @@ static void send_message(srv_exchange *x, json_t *doc)
 		start_response(x);
 		x->content_encoding = gz ? "gzip" : NULL;
 		ib_buf_reset(&x->out);
+		x->out_off = 0;
 		ib_buf_add(&x->out, s, len);
 	}
 	free(s);
@@ -320,21 +326,20 @@ void srv_exchange_begin(srv_exchange *x, ib_server *srv, const char *path, srv_h
 	else if (!strcmp(path, "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo") ||
 		 !strcmp(path, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"))
 		x->svc = SVC_REFLECTION;
-	else if (k == RPC_NONE)
-		return fail(x, IB_CONNECT_UNIMPLEMENTED, "no method '%.128s'", path);
 	else
 		x->svc = SVC_IMAGEBUILDER;
-	if (x->svc == SVC_IMAGEBUILDER && srv_rpcs[k].streaming && x->wire == WIRE_CONNECT) {
-		fail(x, IB_CONNECT_UNIMPLEMENTED,
-		     "%s is server-streaming: application/connect+json or +proto (or gRPC, gRPC-Web)", srv_rpcs[k].name);
-		x->status = 415;
-		return;
-	}
-
-	/* the token: every service but health */
+	/* the token first: every service but health */
 	if (x->svc != SVC_HEALTH_CHECK && x->svc != SVC_HEALTH_WATCH && srv->auth &&
 	    !ib_http_bearer_ok(&srv->token, header(ctx, "authorization")))
 		return fail(x, IB_CONNECT_UNAUTHENTICATED, "missing or wrong bearer token (authorization: Bearer <token>)");
+	if (x->svc == SVC_IMAGEBUILDER && k == RPC_NONE)
+		return fail(x, IB_CONNECT_UNIMPLEMENTED, "no method '%.128s'", path);
+	if (x->wire == WIRE_CONNECT && (x->svc == SVC_HEALTH_WATCH || (x->svc == SVC_IMAGEBUILDER && srv_rpcs[k].streaming))) {
+		fail(x, IB_CONNECT_UNIMPLEMENTED,
+		     "%s is server-streaming: application/connect+json or +proto (or gRPC, gRPC-Web)", path);
+		x->status = 415;
+		return;
+	}
 
 	/* compression, as each protocol names it */
 	name = x->wire == WIRE_CONNECT ? "content-encoding"
@@ -353,6 +358,9 @@ void srv_exchange_begin(srv_exchange *x, ib_server *srv, const char *path, srv_h
 	    strcmp(header(ctx, "connect-protocol-version"), "1"))
 		return fail(x, IB_CONNECT_INVALID_ARGUMENT, "connect-protocol-version: '%.16s' is not supported (1)",
 			    header(ctx, "connect-protocol-version"));
+	/* a framed answer's headers are known now, whenever its first message comes */
+	if (framed(x))
+		start_response(x);
 }
 
 /* A whole message of the request, uncompressed: run it. */
@@ -388,6 +396,10 @@ static void on_message(srv_exchange *x, const char *data, size_t len)
 		return finish(x, (int)x->call.code, x->call.message);
 	if (x->svc == SVC_REFLECTION) {
 		send_message(x, srv_reflect(msg));
+		if (!framed(x))
+			finish(x, -1, NULL); /* Connect unary: one request, one answer */
+		else if (srv_exchange_pending(x) > EXCHANGE_OUT_MAX)
+			fail(x, IB_CONNECT_RESOURCE_EXHAUSTED, "reflection: more answers than the client reads");
 	} else {
 		const char *service = json_string_value(json_object_get(msg, "service"));
 		ans = srv_health_status(x->srv, service ? service : "");
@@ -594,6 +606,28 @@ void srv_exchange_poll(srv_exchange *x)
 		else if (rc == SRV_CALL_ERROR)
 			finish(x, (int)x->call.code, x->call.message);
 	}
+}
+
+size_t srv_exchange_pending(const srv_exchange *x)
+{
+	return x->out.len - x->out_off;
+}
+
+size_t srv_exchange_take(srv_exchange *x, void *buf, size_t max)
+{
+	size_t n = srv_exchange_pending(x) < max ? srv_exchange_pending(x) : max;
+
+	memcpy(buf, x->out.ptr + x->out_off, n);
+	x->out_off += n;
+	if (x->out_off == x->out.len) {
+		x->out.len = x->out_off = 0;
+	} else if (x->out_off > 64 * 1024 && x->out_off > x->out.len / 2) {
+		/* now and then, not every call: taking stays linear */
+		memmove(x->out.ptr, x->out.ptr + x->out_off, x->out.len - x->out_off);
+		x->out.len -= x->out_off;
+		x->out_off = 0;
+	}
+	return n;
 }
 
 void srv_exchange_abort(srv_exchange *x, const char *why)

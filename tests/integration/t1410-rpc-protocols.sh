@@ -214,6 +214,36 @@ PYEOF
 ok "gRPC-Web text and binary (trailer frames, grpc-status 0 and 16); Connect streaming: not_found, out_of_range," \
 	"log_offset, end-stream {}; WatchBuild over Connect unary 415"
 
+# -- hostile clients (each seen to hurt the daemon before its fix) --
+# bytes that are not UTF-8 in the path, before the token is checked, once aborted the daemon
+code=$(curl -s -o "$T/bad.bin" -w '%{http_code}' -X POST -H 'Content-Type: application/connect+json' "$URL/%FF%FE")
+[ "$code" = 200 ] && [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/healthz")" = 200 ] ||
+	fail "a path that is not UTF-8 over Connect streaming: HTTP $code, then the daemon is down"
+# a streaming client that goes away is noticed (no socket left in CLOSE-WAIT, the request logged)
+for i in 1 2 3; do
+	printf '\0\0\0\0\0' | curl -s -m 1 -X POST -H 'Content-Type: application/grpc-web+proto' --data-binary @- \
+		"$URL/grpc.health.v1.Health/Watch" > /dev/null
+done
+sleep 1
+[ "$(ss -Htn state close-wait "( sport = :${URL##*:} )" | wc -l)" = 0 ] ||
+	fail "streams whose clients left are still open: $(ss -tn state close-wait)"
+# reflection over Connect unary is one request, one answer
+curl -s -m 5 -X POST -H 'Content-Type: application/json' -H "$AUTH" -d '{"listServices": ""}' \
+	"$URL/grpc.reflection.v1.ServerReflection/ServerReflectionInfo" > "$T/refl.json" ||
+	fail "reflection over Connect unary did not complete"
+grep -q imagebuilder.v1.ImageBuilder "$T/refl.json" || fail "reflection over Connect unary: $(cat "$T/refl.json")"
+# half a preface, held: the acceptor waits for the rest without spinning
+ticks() { awk '{print $14 + $15}' "/proc/$SERVE_PID/stat"; }
+before=$(ticks)
+$PY -c 'import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.send(b"PRI * HTTP/2.0\r\n")
+time.sleep(2)' "${URL##*:}"
+used=$(( $(ticks) - before ))
+[ "$used" -lt 50 ] || fail "half an HTTP/2 preface held for 2 s cost the daemon $used CPU ticks"
+ok "hostile clients: a path that is not UTF-8, streams whose clients left, reflection over Connect unary," \
+	"half a preface ($used ticks in 2 s): the daemon serves on"
+
 # -- CancelBuild over HTTP/2 waits for the running build to stop --
 slow="{\"spec\": {\"base\": \"debian_amd64\", \"disk_size\": \"256M\", \"steps\": [{\"run_commands\": [\"sleep 60 # $NONCE\"]}]}}"
 "$BUF" curl --protocol grpc --http2-prior-knowledge --schema "$TOP/proto" -H "$AUTH" -d "$slow" \
