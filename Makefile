@@ -42,6 +42,7 @@ UNIT_SRC = $(sort $(wildcard tests/unit/test-*.c))
 # The gRPC health and reflection services' schemas are in proto/grpc;
 # descriptor.proto is what reflection reads the descriptor set with.
 PROTO = imagebuilder/v1/imagebuilder.proto
+# v1alpha of reflection is v1 in another package: made from it, not kept twice.
 PROTO_GRPC = grpc/health/v1/health.proto grpc/reflection/v1/reflection.proto grpc/reflection/v1alpha/reflection.proto
 PROTO_WKT = google/protobuf/struct.proto google/protobuf/timestamp.proto google/protobuf/wrappers.proto \
 	google/protobuf/descriptor.proto
@@ -79,11 +80,13 @@ $(SANDBOX_BIN): init/ib-sandbox.c builder/sandbox-proto.h lib/banned.h
 	@mkdir -p $(dir $@)
 	$(CC) $(INIT_CFLAGS) -I. -o $@ $<
 
-$(GEN)/.stamp: proto/$(PROTO) $(PROTO_GRPC:%=proto/%)
-	@mkdir -p $(GEN)
-	protoc-c --c_out=$(GEN) -I proto -I /usr/include $(PROTO) $(PROTO_GRPC) $(PROTO_WKT)
+$(GEN)/.stamp: proto/$(PROTO) proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto
+	@mkdir -p $(GEN)/proto/grpc/reflection/v1alpha
+	sed 's/^package grpc\.reflection\.v1;/package grpc.reflection.v1alpha;/' \
+		proto/grpc/reflection/v1/reflection.proto > $(GEN)/proto/grpc/reflection/v1alpha/reflection.proto
+	protoc-c --c_out=$(GEN) -I proto -I $(GEN)/proto -I /usr/include $(PROTO) $(PROTO_GRPC) $(PROTO_WKT)
 	protoc-c --descriptor_set_out=$(GEN)/imagebuilder.desc --include_imports \
-		-I proto -I /usr/include $(PROTO) $(PROTO_GRPC)
+		-I proto -I $(GEN)/proto -I /usr/include $(PROTO) $(PROTO_GRPC)
 	@touch $@
 $(filter-out $(GEN)/descriptor-set.c,$(GEN_SRC)): $(GEN)/.stamp
 # the descriptor set as bytes in the program
