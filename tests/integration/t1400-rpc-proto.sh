@@ -33,7 +33,8 @@ printf '{"spec": %s}' "$spec" > "$T/req.json"
 st=$(curl -s -o "$T/out.json" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
 	--data-binary "@$T/req.json" "$M/BuildImage")
 [ "$st" = 200 ] && [ "$(out 'd["image_id"]')" = "$iid" ] && [ "$(out 'd["build_id"]')" = "$bid" ] ||
-	fail "JSON BuildImage of the same spec: $st $(cat "$T/out.json")"
+	fail "JSON BuildImage of the same spec: $st $(cat "$T/out.json"); the first build $bid of $iid:" \
+		"$(curl -s -X POST -H 'Content-Type: application/json' -d "{\"build_id\": \"$bid\"}" "$M/GetBuild")"
 ok "BuildImage over binary Protobuf (buf curl): build $bid, joined by the same request over JSON"
 
 wait_build "$bid" READY 300
