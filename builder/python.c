@@ -222,61 +222,34 @@ out:
 	return err;
 }
 
+struct unpack_args {
+	const char *archive;
+	int rootfd;
+};
+
+static int unpack_child(void *arg)
+{
+	struct unpack_args *u = arg;
+
+	return unpack_here(u->archive, u->rootfd);
+}
+
 int ib_python_unpack(const char *archive, const char *dir)
 {
-	char *root = ib_xasprintf("%s/usr/local", dir), msg[IB_ERROR_MAX];
-	int pipefd[2] = { -1, -1 }, rootfd = -1, err, ws = 0;
-	ssize_t n = 0;
-	pid_t pid;
+	char *root = ib_xasprintf("%s/usr/local", dir);
+	struct unpack_args u = { .archive = archive, .rootfd = -1 };
+	int err;
 
-	msg[0] = '\0';
 	if ((err = ib_mkdir_p(root, 0755)) < 0)
 		goto out;
-	if ((rootfd = open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+	if ((u.rootfd = open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
 		err = ib_error_set_errno(errno, "cannot open '%s'", root);
 		goto out;
 	}
-	if (pipe2(pipefd, O_CLOEXEC) < 0) {
-		err = ib_error_set_errno(errno, "cannot create a pipe");
-		goto out;
-	}
-	/* a child: the working directory is per process, and libarchive works from it */
-	if ((pid = fork()) < 0) {
-		err = ib_error_set_errno(errno, "cannot fork");
-		goto out;
-	}
-	if (pid == 0) {
-		close(pipefd[0]);
-		if (fchdir(rootfd) < 0)
-			err = ib_error_set_errno(errno, "cannot enter '%s'", root);
-		else
-			err = unpack_here(archive, rootfd);
-		if (err)
-			ib_write_all(pipefd[1], ib_error_last(), strlen(ib_error_last()));
-		_exit(err ? 1 : 0);
-	}
-	close(pipefd[1]);
-	pipefd[1] = -1;
-	for (size_t got = 0; got < sizeof(msg) - 1;) {
-		n = read(pipefd[0], msg + got, sizeof(msg) - 1 - got);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			break;
-		got += (size_t)n;
-		msg[got] = '\0';
-	}
-	while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
-		;
-	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0)
-		err = ib_error_set("%s", msg[0] ? msg : "unpacking the python archive failed");
+	err = ib_in_child_at(u.rootfd, unpack_child, &u, "unpacking the python archive failed");
 out:
-	if (pipefd[0] >= 0)
-		close(pipefd[0]);
-	if (pipefd[1] >= 0)
-		close(pipefd[1]);
-	if (rootfd >= 0)
-		close(rootfd);
+	if (u.rootfd >= 0)
+		close(u.rootfd);
 	free(root);
 	return err;
 }

@@ -14,8 +14,11 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "lib/limits.h"
 
 static void oom(void)
 {
@@ -699,4 +702,47 @@ uint64_t ib_du(const char *path)
 			bytes += (uint64_t)e->fts_statp->st_blocks * 512;
 	fts_close(fts);
 	return bytes;
+}
+
+int ib_in_child_at(int dirfd, int (*fn)(void *arg), void *arg, const char *what)
+{
+	int pipefd[2], err = 0, ws = 0;
+	char msg[IB_ERROR_MAX];
+	size_t got = 0;
+	ssize_t n;
+	pid_t pid;
+
+	if (pipe2(pipefd, O_CLOEXEC) < 0)
+		return ib_error_set_errno(errno, "cannot create a pipe");
+	/* a child: the working directory is per process */
+	if ((pid = fork()) < 0) {
+		err = ib_error_set_errno(errno, "cannot fork");
+		close(pipefd[0]);
+		close(pipefd[1]);
+		return err;
+	}
+	if (pid == 0) {
+		close(pipefd[0]);
+		err = fchdir(dirfd) < 0 ? ib_error_set_errno(errno, "cannot enter the directory for %s", what) : fn(arg);
+		if (err)
+			ib_write_all(pipefd[1], ib_error_last(), strlen(ib_error_last()));
+		_exit(err ? 1 : 0);
+	}
+	close(pipefd[1]);
+	msg[0] = '\0';
+	while (got < sizeof(msg) - 1) {
+		n = read(pipefd[0], msg + got, sizeof(msg) - 1 - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		got += (size_t)n;
+		msg[got] = '\0';
+	}
+	close(pipefd[0]);
+	while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0)
+		return ib_error_set("%s", msg[0] ? msg : what);
+	return 0;
 }

@@ -70,6 +70,14 @@ int ib_rm_rf_at(int parent, const char *name);
  */
 int ib_open_beneath(int rootfd, const char *rel, int flags);
 
+/*
+ * fn(arg) in a child process whose working directory is dirfd (an
+ * unpacker that works with relative paths, where libarchive's guards
+ * hold): its result, with the child's error message; what names the
+ * work when the child dies without one.
+ */
+int ib_in_child_at(int dirfd, int (*fn)(void *arg), void *arg, const char *what);
+
 /* Read a whole file (at most max bytes, else error); *out is NUL-terminated. */
 int ib_read_file(char **out, size_t *out_len, const char *path, size_t max);
 

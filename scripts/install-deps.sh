@@ -9,7 +9,7 @@ set -eu
 PKGS="gcc make pkg-config libc6-dev
 libarchive-dev libssl-dev libsqlite3-dev libext2fs-dev comerr-dev libjansson-dev libcurl4-openssl-dev libmicrohttpd-dev libgit2-dev libzstd-dev libseccomp-dev
 protobuf-c-compiler libprotobuf-c-dev libprotobuf-dev zlib1g-dev libnghttp2-dev
-python3-grpcio python3-grpc-tools nghttp2-client
+python3-grpcio python3-grpc-tools nghttp2-client docker-registry skopeo
 qemu-user-static qemu-system-x86 arch-test patchelf
 mmdebstrap e2fsprogs python3 python3-pip-whl ca-certificates bc git curl strace zstd bmap-tools passt"
 # a cross compiler for the init of the other architecture

@@ -1,0 +1,46 @@
+#ifndef IB_REMOTE_H
+#define IB_REMOTE_H
+
+/*
+ * An OCI distribution registry repository shared by builder nodes
+ * (--remote URL, IMAGEBUILDER_REMOTE): http(s)://HOST[:PORT]/REPO.
+ *
+ * The client speaks the distribution API with libcurl: manifests by tag,
+ * blobs by digest (checked as they come), monolithic blob uploads, and the
+ * two ways registries ask for credentials: HTTP basic, and the bearer
+ * token challenge (WWW-Authenticate: Bearer realm=...,service=...,scope=...).
+ * Credentials follow docker and podman: $REGISTRY_AUTH_FILE, else
+ * $DOCKER_CONFIG/config.json, else ~/.docker/config.json, else
+ * $XDG_RUNTIME_DIR/containers/auth.json ("auths": {"HOST[:PORT]": {"auth":
+ * base64("user:password")}}).  TLS is verified; plain HTTP only where the
+ * URL says http://.  Safe to use from several threads at once.
+ */
+
+#include <jansson.h>
+#include <stdint.h>
+
+typedef struct ib_remote ib_remote;
+
+int ib_remote_open(ib_remote **out, const char *url);
+void ib_remote_close(ib_remote *r);
+/* The URL as given, for messages. */
+const char *ib_remote_url(const ib_remote *r);
+
+/* The manifest at tag: 1 and *out, 0 when there is none, <0 (error set) when the registry fails. */
+int ib_remote_manifest_get(ib_remote *r, const char *tag, json_t **out);
+/* Put a manifest (a JSON document) under tag. */
+int ib_remote_manifest_put(ib_remote *r, const char *tag, const char *manifest);
+
+/*
+ * Blob digest ("sha256:<hex>") into the file at path, at most max bytes;
+ * the bytes must have that digest (IB_EINVALID when they do not).
+ */
+int ib_remote_blob_get(ib_remote *r, const char *digest, const char *path, uint64_t max);
+/* Does the registry have the blob? 1 yes, 0 no, <0 error. */
+int ib_remote_blob_exists(ib_remote *r, const char *digest);
+/* Upload the file at path as blob digest, unless the registry has it. */
+int ib_remote_blob_put(ib_remote *r, const char *digest, const char *path);
+/* The same from memory. */
+int ib_remote_blob_put_mem(ib_remote *r, const char *digest, const void *data, size_t len);
+
+#endif
