@@ -21,6 +21,7 @@
 #include "builder/export.h"
 #include "builder/junk.h"
 #include "builder/python.h"
+#include "builder/share.h"
 #include "layer/copy.h"
 #include "layer/tree.h"
 #include "lib/limits.h"
@@ -59,6 +60,24 @@ const char *ib_layer_state_name(ib_layer_state s)
 	return "unknown";
 }
 
+const char *ib_layer_source_name(ib_layer_source s)
+{
+	switch (s) {
+	case IB_SOURCE_BUILT: return "built";
+	case IB_SOURCE_CACHE: return "cache";
+	case IB_SOURCE_REMOTE: return "remote";
+	case IB_SOURCE_NONE: break;
+	}
+	return NULL;
+}
+
+static void set_source(ib_build *b, size_t index, ib_layer_source source)
+{
+	pthread_mutex_lock(&b->mu);
+	b->layers[index].source = source;
+	pthread_mutex_unlock(&b->mu);
+}
+
 /* State changes go through here: a server thread may be reading them. */
 static void set_layer(ib_build *b, size_t index, ib_layer_state state, double seconds)
 {
@@ -68,6 +87,10 @@ static void set_layer(ib_build *b, size_t index, ib_layer_state state, double se
 	l->state = state;
 	if (state == IB_LAYER_CACHED)
 		l->cached = true;
+	if (state == IB_LAYER_CACHED && !l->source)
+		l->source = IB_SOURCE_CACHE;
+	if (state == IB_LAYER_DONE)
+		l->source = IB_SOURCE_BUILT;
 	if (seconds >= 0)
 		l->seconds = seconds;
 	if (state == IB_LAYER_FAILED)
@@ -229,6 +252,7 @@ struct run_ctx {
 	ib_apt apt;        /* the shared apt state of the build's architecture */
 	int *held;         /* per layer: its lock, held shared while the build uses it, or -1 */
 	struct pending pending;
+	ib_remote *remote; /* --remote: layers pulled before they are built, pushed after; NULL: none */
 };
 
 /* Where layer i's tree is: in the store, or still in its scratch dir while pending. */
@@ -575,6 +599,27 @@ static int build_layer(struct run_ctx *rc, size_t index)
 		return 0;
 	}
 
+	if (!force && rc->remote) {
+		/* another node may have built it: pulled and verified, or built here */
+		ib_share_layer sl = { l->key, index ? plan->layers[index - 1].key : "", l->kind, l->canonical };
+		ib_walk_opts pw = { .deadline = rc->deadline, .cancel = rc->opts->cancel, .what = "the pulled layer" };
+		if ((err = finish_pending(rc)) < 0)
+			goto fail_early;
+		t0 = ib_now();
+		r = ib_share_pull(rc->remote, rc->cache, &sl, &pw);
+		if (r > 0 && (r = ib_cache_share_lock(lockfd)) == 0) {
+			rc->held[index] = lockfd;
+			set_source(b, index, IB_SOURCE_REMOTE);
+			set_layer(b, index, IB_LAYER_CACHED, ib_now() - t0);
+			emit(rc->prog, "[%zu/%zu] %s: pulled from the remote in %.1fs (%.12s)\n", index + 1,
+			     plan->nlayers, l->kind, ib_now() - t0, l->key);
+			return 0;
+		}
+		if (r < 0)
+			emit(rc->prog, "warning: %s; building it here\n", ib_error_last());
+		ib_error_clear();
+		err = 0;
+	}
 	if (waited)
 		emit(rc->prog, "[%zu/%zu] %s: waited for another build of this layer\n", index + 1, plan->nlayers,
 		     l->kind);
@@ -855,6 +900,37 @@ static void warn(struct progress *prog, const ib_plan *plan)
 			   "image\")\n");
 }
 
+/*
+ * The layers this build made or found here, to the remote, unless it has
+ * them (a push that failed before is retried so); a failure is a warning.
+ */
+static void push_built(struct run_ctx *rc)
+{
+	const ib_plan *plan = rc->plan;
+
+	if (!rc->remote)
+		return;
+	for (size_t i = 0; i < plan->nlayers; i++) {
+		const ib_plan_layer *l = &plan->layers[i];
+		ib_share_layer sl = { l->key, i ? plan->layers[i - 1].key : "", l->kind, l->canonical };
+		ib_layer_source src;
+		int r;
+
+		pthread_mutex_lock(&rc->b->mu);
+		src = rc->b->layers[i].source;
+		pthread_mutex_unlock(&rc->b->mu);
+		if ((src != IB_SOURCE_BUILT && src != IB_SOURCE_CACHE) || rc->held[i] < 0)
+			continue;
+		if ((r = ib_share_push(rc->remote, rc->cache, &sl, NULL)) < 0) {
+			emit(rc->prog, "warning: %s\n", ib_error_last());
+			ib_error_clear();
+		} else if (r > 0) {
+			emit(rc->prog, "[%zu/%zu] %s: pushed to the remote (%.12s)\n", i + 1, plan->nlayers, l->kind,
+			     l->key);
+		}
+	}
+}
+
 int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 {
 	const ib_plan *plan = b->plan;
@@ -871,6 +947,11 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	rc.held = ib_xmalloc(plan->nlayers * sizeof(*rc.held));
 	for (size_t i = 0; i < plan->nlayers; i++)
 		rc.held[i] = -1;
+	if (b->cfg->remote && ib_remote_open(&rc.remote, b->cfg->remote) < 0) {
+		/* a remote failure never fails a build */
+		emit(&prog, "warning: %s; building without it\n", ib_error_last());
+		ib_error_clear();
+	}
 	if (!opts->force && (r = found_cached(&rc)) != 0) {
 		err = r < 0 ? r : 0;
 		if (r > 0)
@@ -907,6 +988,7 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 		goto out;
 	if ((err = export_image(&rc)) < 0)
 		goto out;
+	push_built(&rc);
 output:
 	if (opts->output) {
 		char *src = ib_cache_image_path(cache, plan->image_id);
@@ -915,13 +997,17 @@ output:
 	}
 out:
 	if (err) {
+		char *msg;
+
 		finish_pending_quietly(&rc);
-		char *msg = ib_xstrdup(ib_error_last());
+		msg = ib_xstrdup(ib_error_last());
+		push_built(&rc); /* what was built is good, though the build failed */
 		pthread_mutex_lock(&b->mu);
 		free(b->error);
 		b->error = msg;
 		pthread_mutex_unlock(&b->mu);
 	}
+	ib_remote_close(rc.remote);
 	ib_cgroup_destroy(&rc.cgroup);
 	ib_apt_close(&rc.apt);
 	ib_disk_close(&rc.disk);

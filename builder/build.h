@@ -38,8 +38,20 @@ void ib_build_free(ib_build *b);
 /* The plan: keys, kinds, image id.  Never changes. */
 const ib_plan *ib_build_plan(const ib_build *b);
 
+/* Where a layer of a build came from. */
+typedef enum ib_layer_source {
+	IB_SOURCE_NONE,   /* not there yet */
+	IB_SOURCE_BUILT,  /* built by this build */
+	IB_SOURCE_CACHE,  /* found in the local cache */
+	IB_SOURCE_REMOTE, /* pulled from the remote */
+} ib_layer_source;
+
+/* "built", "cache", "remote"; NULL for none */
+const char *ib_layer_source_name(ib_layer_source s);
+
 typedef struct ib_build_layer_status {
 	ib_layer_state state;
+	ib_layer_source source;
 	bool cached;
 	double seconds;
 } ib_build_layer_status;

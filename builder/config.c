@@ -133,6 +133,7 @@ int ib_config_init(ib_config *cfg, const char *const *envp)
 		cfg->cache_dir = ib_xstrdup(IB_CACHE_DIR_DEFAULT);
 	ib_config_set(&cfg->apt_mirror, env_get(envp, "IMAGEBUILDER_APT_MIRROR"));
 	ib_config_set(&cfg->pip_index_url, env_get(envp, "IMAGEBUILDER_PIP_INDEX_URL"));
+	ib_config_set(&cfg->remote, env_get(envp, "IMAGEBUILDER_REMOTE"));
 	ib_config_set(&cfg->python_mirror, env_get(envp, "IMAGEBUILDER_PYTHON_MIRROR"));
 	ib_config_set(&cfg->tmpdir, env_get(envp, "TMPDIR"));
 	ib_config_set(&cfg->crash_at, env_get(envp, "IMAGEBUILDER_CRASH_AT"));
@@ -261,6 +262,7 @@ void ib_config_clear(ib_config *cfg)
 	free(cfg->cache_dir);
 	free(cfg->apt_mirror);
 	free(cfg->pip_index_url);
+	free(cfg->remote);
 	free(cfg->python_mirror);
 	free(cfg->python_versions);
 	free(cfg->base_images);

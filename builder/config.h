@@ -46,6 +46,7 @@ typedef struct ib_config {
 	int64_t epoch;          /* SOURCE_DATE_EPOCH, else IB_DEFAULT_EPOCH */
 	ib_bootstrap_memory bootstrap_memory; /* IMAGEBUILDER_BOOTSTRAP_IN_MEMORY: 0, 1, else auto */
 	char *crash_at;         /* IMAGEBUILDER_CRASH_AT: a crash point to die at (tests); NULL: none */
+	char *remote;           /* IMAGEBUILDER_REMOTE or --remote: an OCI registry repository; NULL: none */
 	/*
 	 * Root in a step's sandbox is host uid idmap_uid (gid idmap_gid),
 	 * IB_IDMAP_COUNT ids from there: IMAGEBUILDER_IDMAP=UID[:GID], else

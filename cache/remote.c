@@ -147,6 +147,7 @@ const char *ib_remote_url(const ib_remote *r)
 /* ---- requests ---- */
 
 typedef struct hreq {
+	CURL *curl;
 	const char *method;
 	char *url;
 	const char *ctype, *accept;
@@ -191,7 +192,8 @@ static size_t on_body(char *buf, size_t size, size_t n, void *arg)
 	hreq *h = arg;
 	size_t len = size * n;
 
-	if (h->status >= 300 || h->status == 0) {
+	curl_easy_getinfo(h->curl, CURLINFO_RESPONSE_CODE, &h->status);
+	if (h->status >= 300 || h->status < 200) {
 		/* an error's body: kept short for the message */
 		if (h->out && h->out->len < 4096)
 			ib_buf_add(h->out, buf, len);
@@ -339,6 +341,7 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 	(void)r;
 	if (!c)
 		return ib_error_set("curl_easy_init failed");
+	h->curl = c;
 	h->status = 0;
 	h->got = 0;
 	h->too_large = false;

@@ -29,17 +29,18 @@ void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int cli_usage(const char *usage);
 
 /*
- * --memory SIZE, --pids N, --cpus N, --disk SIZE (build, warm, serve): the
- * entries for a getopt_long table, and their handling: 1 handled, 0 not a
- * limit option, EXIT_USAGE-worthy -1 (reported).
+ * --memory SIZE, --pids N, --cpus N, --disk SIZE and --remote URL (build,
+ * warm, serve): the entries for a getopt_long table, and their handling:
+ * 1 handled, 0 not one of them, EXIT_USAGE-worthy -1 (reported).
  */
 #define CLI_LIMIT_OPTIONS                                          \
 	{ "memory", required_argument, NULL, CLI_OPT_MEMORY },     \
 	{ "pids", required_argument, NULL, CLI_OPT_PIDS },         \
 	{ "cpus", required_argument, NULL, CLI_OPT_CPUS },         \
-	{ "disk", required_argument, NULL, CLI_OPT_DISK }
-#define CLI_LIMIT_USAGE "[--memory SIZE] [--pids N] [--cpus N] [--disk SIZE]"
-enum { CLI_OPT_MEMORY = 0x1000, CLI_OPT_PIDS, CLI_OPT_CPUS, CLI_OPT_DISK };
+	{ "disk", required_argument, NULL, CLI_OPT_DISK },         \
+	{ "remote", required_argument, NULL, CLI_OPT_REMOTE }
+#define CLI_LIMIT_USAGE "[--memory SIZE] [--pids N] [--cpus N] [--disk SIZE] [--remote URL]"
+enum { CLI_OPT_MEMORY = 0x1000, CLI_OPT_PIDS, CLI_OPT_CPUS, CLI_OPT_DISK, CLI_OPT_REMOTE };
 int cli_limit_option(int c, const char *arg, ib_config *cfg);
 
 /* Open cfg's cache dir (reporting failure). */

@@ -54,10 +54,12 @@ static void print_json(ib_build *b, ib_cache *cache, int err, const char *output
 		st.ext4_sha256[0] = '\0';
 	for (size_t i = 0; i < plan->nlayers; i++) {
 		const ib_build_layer_status *l = &st.layers[i];
-		json_array_append_new(layers, json_pack("{s:i, s:s, s:s, s:b, s:f, s:s}", "index", (int)i, "kind",
+		const char *source = ib_layer_source_name(l->source);
+		json_array_append_new(layers, json_pack("{s:i, s:s, s:s, s:b, s:f, s:s, s:o}", "index", (int)i, "kind",
 							plan->layers[i].kind, "key", plan->layers[i].key, "cached",
 							l->cached, "seconds", l->seconds, "state",
-							ib_layer_state_name(l->state)));
+							ib_layer_state_name(l->state), "source",
+							source ? json_string(source) : json_null()));
 	}
 	json_object_set_new(doc, "image_id", json_string(plan->image_id));
 	json_object_set_new(doc, "status", json_string(status_of(err)));
@@ -122,7 +124,7 @@ int cmd_build(int argc, char **argv, ib_config *cfg)
 		default:
 			if (cli_limit_option(c, optarg, cfg) > 0)
 				break;
-			return c >= CLI_OPT_MEMORY && c <= CLI_OPT_DISK ? EXIT_USAGE : cli_usage(build_usage);
+			return c >= CLI_OPT_MEMORY && c <= CLI_OPT_REMOTE ? EXIT_USAGE : cli_usage(build_usage);
 		}
 	}
 	if (optind != argc - 1)

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "builder/disk.h"
+#include "cache/remote.h"
 #include "cli/cli.h"
 #include "lib/crash.h"
 #include "lib/util.h"
@@ -52,6 +53,16 @@ int cli_limit_option(int c, const char *arg, ib_config *cfg)
 {
 	static const char *const names[] = { "memory", "pids", "cpus", "disk" };
 
+	if (c == CLI_OPT_REMOTE) {
+		ib_remote *r;
+		if (ib_remote_open(&r, arg) < 0) {
+			cli_error("--remote: %s", ib_error_last());
+			return -1;
+		}
+		ib_remote_close(r);
+		ib_config_set(&cfg->remote, arg);
+		return 1;
+	}
 	if (c < CLI_OPT_MEMORY || c > CLI_OPT_DISK)
 		return 0;
 	if (ib_limits_set(&cfg->limits, names[c - CLI_OPT_MEMORY], arg) < 0) {
@@ -114,7 +125,8 @@ static void usage_all(FILE *f)
 		fprintf(f, "  %s\n", commands[i].help);
 	fputs("\nenvironment: IMAGEBUILDER_CACHE_DIR, IMAGEBUILDER_APT_MIRROR, IMAGEBUILDER_PIP_INDEX_URL,\n"
 	      "             IMAGEBUILDER_PYTHON_MIRROR, IMAGEBUILDER_PYTHON_VERSIONS, SOURCE_DATE_EPOCH,\n"
-	      "             IMAGEBUILDER_BOOTSTRAP_IN_MEMORY, IMAGEBUILDER_BASE_IMAGES, IMAGEBUILDER_IDMAP\n"
+	      "             IMAGEBUILDER_BOOTSTRAP_IN_MEMORY, IMAGEBUILDER_BASE_IMAGES, IMAGEBUILDER_IDMAP,\n"
+	      "             IMAGEBUILDER_REMOTE\n"
 	      "             (see the README)\n", f);
 }
 

@@ -34,6 +34,12 @@ struct packer {
 	} *links;
 	size_t nlinks;
 	char *buf;
+	/* the data segments of the file at hand */
+	struct segment {
+		off_t start, end;
+	} *segs;
+	size_t nsegs, segs_cap;
+	bool sparse;
 };
 
 static int fail(struct archive *a, const char *what, const char *path)
@@ -71,6 +77,80 @@ static int add_xattrs(struct archive_entry *ae, const ib_walk_entry *e)
 	}
 	ib_walk_free_names(names, n);
 	return err;
+}
+
+/* The data segments of the file, by SEEK_DATA/SEEK_HOLE; p->sparse when it has a hole. */
+static int find_segments(struct packer *p, int fd, const ib_walk_entry *e)
+{
+	off_t pos = 0, size = e->st.st_size;
+
+	p->nsegs = 0;
+	p->sparse = false;
+	while (pos < size) {
+		off_t start = lseek(fd, pos, SEEK_DATA), end;
+
+		if (start < 0 && errno == ENXIO)
+			break; /* a hole to the end */
+		if (start < 0)
+			return ib_error_set_errno(errno, "cannot find the data of '%s'", e->path);
+		end = lseek(fd, start, SEEK_HOLE);
+		if (end < 0)
+			return ib_error_set_errno(errno, "cannot find the holes of '%s'", e->path);
+		if (end > size)
+			end = size;
+		if (p->nsegs == p->segs_cap) {
+			p->segs_cap = p->segs_cap ? p->segs_cap * 2 : 16;
+			p->segs = ib_xrealloc(p->segs, p->segs_cap * sizeof(*p->segs));
+		}
+		p->segs[p->nsegs].start = start;
+		p->segs[p->nsegs++].end = end;
+		pos = end;
+	}
+	p->sparse = !(p->nsegs == 1 && p->segs[0].start == 0 && p->segs[0].end == size) && size > 0;
+	return 0;
+}
+
+/* len bytes from fd at off (or zeros, fd -1) into the archive. */
+static int copy_out(struct packer *p, int fd, off_t off, off_t len, const char *path)
+{
+	while (len > 0) {
+		size_t want = len < (1 << 16) ? (size_t)len : (1 << 16);
+		ssize_t n = want;
+
+		if (fd >= 0) {
+			n = pread(fd, p->buf, want, off);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0)
+				return ib_error_set_errno(errno, "cannot read '%s'", path);
+			if (n == 0)
+				return ib_error_set("'%s' shrank while it was packed", path);
+		} else {
+			memset(p->buf, 0, want);
+		}
+		if (archive_write_data(p->a, p->buf, (size_t)n) != n)
+			return fail(p->a, "data", path);
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* A file's bytes; for a sparse entry the holes go in as zeros, which libarchive drops. */
+static int write_body(struct packer *p, int fd, const ib_walk_entry *e)
+{
+	off_t pos = 0;
+	int err = 0;
+
+	if (!p->sparse)
+		return copy_out(p, fd, 0, e->st.st_size, e->path);
+	for (size_t i = 0; i < p->nsegs && !err; i++) {
+		err = copy_out(p, -1, pos, p->segs[i].start - pos, e->path);
+		if (!err)
+			err = copy_out(p, fd, p->segs[i].start, p->segs[i].end - p->segs[i].start, e->path);
+		pos = p->segs[i].end;
+	}
+	return err ? err : copy_out(p, -1, pos, e->st.st_size - pos, e->path);
 }
 
 static int pack_entry(void *arg, const ib_walk_entry *e)
@@ -115,26 +195,19 @@ static int pack_entry(void *arg, const ib_walk_entry *e)
 			err = ib_error_set_errno(errno, "cannot open '%s'", e->path);
 			goto out;
 		}
+		/* holes stay holes: a sparse entry of the data segments (GNU sparse 1.0 in pax) */
+		if ((err = find_segments(p, fd, e)) < 0)
+			goto out;
+		if (p->sparse)
+			for (size_t i = 0; i < p->nsegs; i++)
+				archive_entry_sparse_add_entry(ae, p->segs[i].start, p->segs[i].end - p->segs[i].start);
 	}
 	if (archive_write_header(p->a, ae) != ARCHIVE_OK) {
 		err = fail(p->a, "header", e->path);
 		goto out;
 	}
-	if (fd >= 0) {
-		ssize_t n;
-		while ((n = read(fd, p->buf, 1 << 16)) != 0) {
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (n < 0) {
-				err = ib_error_set_errno(errno, "cannot read '%s'", e->path);
-				goto out;
-			}
-			if (archive_write_data(p->a, p->buf, (size_t)n) != n) {
-				err = fail(p->a, "data", e->path);
-				goto out;
-			}
-		}
-	}
+	if (fd >= 0)
+		err = write_body(p, fd, e);
 out:
 	if (fd >= 0)
 		close(fd);
@@ -180,6 +253,7 @@ out:
 	for (size_t i = 0; i < p.nlinks; i++)
 		free(p.links[i].path);
 	free(p.links);
+	free(p.segs);
 	free(p.buf);
 	return err;
 }

@@ -94,6 +94,13 @@ TEST(pack_twice_same_bytes_and_unpack_same_tree)
 	if (strcmp(t1, t2))
 		fprintf(stderr, "trees differ: %s %s\n", src, dst);
 	ASSERT_STR_EQ(t1, t2);
+	{
+		struct stat st;
+		p = at(dst, "sparse");
+		ASSERT_INT_EQ(stat(p, &st), 0);
+		ASSERT_TRUE(st.st_size == (8 << 20) + 3 && st.st_blocks < 64); /* the hole is a hole again */
+		free(p);
+	}
 	ASSERT_INT_EQ(ib_layer_blob_unpack(b1, src, 2) < 0, 1); /* over the entry limit */
 	ib_rm_rf(src);
 	ib_rm_rf(dst);

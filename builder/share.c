@@ -1,0 +1,150 @@
+/*
+ * Layers to and from the remote (share.h).
+ */
+#include "builder/share.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "layer/blob.h"
+#include "layer/tree.h"
+#include "lib/error.h"
+#include "lib/limits.h"
+#include "lib/util.h"
+
+#define EMPTY_CONFIG "{}"
+#define EMPTY_TYPE "application/vnd.oci.empty.v1+json"
+#define LAYER_BLOB_MAX ((uint64_t)64 << 30) /* bytes of a layer blob taken from a remote */
+#define ANN "dev.imagebuilder.layer."
+
+static char *tag_of(const char *key)
+{
+	return ib_xasprintf("layer-%s", key);
+}
+
+static const char *annotation(json_t *m, const char *name)
+{
+	char *k = ib_xasprintf(ANN "%s", name);
+	const char *v = json_string_value(json_object_get(json_object_get(m, "annotations"), k));
+
+	free(k);
+	return v ? v : "";
+}
+
+int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts)
+{
+	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *upper = NULL;
+	json_t *m = NULL, *layer;
+	const char *digest, *tree;
+	ib_layer_seal seal;
+	int err, lockfd = -1;
+	double t0 = ib_now();
+
+	if ((err = ib_remote_manifest_get(r, tag, &m)) <= 0)
+		goto out; /* none (0), or the remote failed */
+	layer = json_array_get(json_object_get(m, "layers"), 0);
+	digest = json_string_value(json_object_get(layer, "digest"));
+	tree = annotation(m, "tree_digest");
+	if (!digest || strcmp(annotation(m, "key"), l->key) || strlen(tree) != 64 ||
+	    !json_is_string(json_object_get(layer, "mediaType")) ||
+	    strcmp(json_string_value(json_object_get(layer, "mediaType")), IB_SHARE_LAYER_BLOB)) {
+		err = ib_error_set("manifest %s is not a layer of this key", tag);
+		goto out;
+	}
+	if ((err = ib_cache_mktemp(cache, &scratch, &lockfd)) < 0)
+		goto out;
+	blob = ib_xasprintf("%s/layer.tar.zst", scratch);
+	upper = ib_xasprintf("%s/upper", scratch);
+	if (mkdir(upper, 0755) < 0) {
+		err = ib_error_set_errno(errno, "cannot create '%s'", upper);
+		goto out;
+	}
+	if ((err = ib_remote_blob_get(r, digest, blob, LAYER_BLOB_MAX)) < 0 ||
+	    (err = ib_layer_blob_unpack(blob, upper, IB_TREE_ENTRIES_MAX)) < 0)
+		goto out;
+	unlink(blob);
+	if ((err = ib_cache_layer_seal(upper, opts, &seal)) < 0)
+		goto out;
+	if (strcmp(seal.digest, tree)) {
+		err = ib_error_set("the pulled tree has digest %.12s, its manifest says %.12s: corrupt", seal.digest, tree);
+		goto out;
+	}
+	err = ib_cache_layer_commit_sealed(cache, l->key, *l->parent ? l->parent : NULL, l->kind, l->step, upper,
+					   ib_now() - t0, &seal, NULL);
+	if (!err)
+		err = 1;
+out:
+	if (err < 0)
+		ib_error_prefix("layer %.12s from %s", l->key, ib_remote_url(r));
+	ib_cache_rmtemp(scratch, lockfd);
+	free(scratch);
+	free(blob);
+	free(upper);
+	free(tag);
+	json_decref(m);
+	return err;
+}
+
+int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts)
+{
+	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *dir = NULL, *manifest = NULL;
+	char digest[IB_SHA256_HEX], empty[IB_SHA256_HEX], *bd = NULL, *ed = NULL;
+	ib_layer_info info;
+	json_t *m = NULL, *doc = NULL;
+	uint64_t size;
+	int err, lockfd = -1;
+
+	/* one manifest per key: there already, nothing to do */
+	if ((err = ib_remote_manifest_get(r, tag, &m)) != 0) {
+		err = err < 0 ? err : 0;
+		goto out;
+	}
+	if ((err = ib_cache_layer_get(cache, l->key, &info)) <= 0) {
+		if (!err)
+			err = ib_error_set("not in the cache");
+		goto out;
+	}
+	if ((err = ib_cache_mktemp(cache, &scratch, &lockfd)) < 0)
+		goto out;
+	blob = ib_xasprintf("%s/layer.tar.zst", scratch);
+	dir = ib_cache_layer_path(cache, l->key);
+	if ((err = ib_layer_blob_pack(dir, blob, opts, digest, &size)) < 0)
+		goto out;
+	bd = ib_xasprintf("sha256:%s", digest);
+	ib_sha256_hex(empty, EMPTY_CONFIG, strlen(EMPTY_CONFIG));
+	ed = ib_xasprintf("sha256:%s", empty);
+	if ((err = ib_remote_blob_put(r, bd, blob)) < 0 ||
+	    (err = ib_remote_blob_put_mem(r, ed, EMPTY_CONFIG, strlen(EMPTY_CONFIG))) < 0)
+		goto out;
+	/* no time, no node: the same layer makes the same manifest everywhere */
+	doc = json_pack("{s:i, s:s, s:s, s:{s:s, s:s, s:i}, s:[{s:s, s:s, s:I}], s:{s:s, s:s, s:s, s:s, s:s}}",
+			"schemaVersion", 2, "mediaType", "application/vnd.oci.image.manifest.v1+json", "artifactType",
+			IB_SHARE_LAYER_TYPE, "config", "mediaType", EMPTY_TYPE, "digest", ed, "size",
+			(int)strlen(EMPTY_CONFIG), "layers", "mediaType", IB_SHARE_LAYER_BLOB, "digest", bd, "size",
+			(json_int_t)size, "annotations", ANN "key", l->key, ANN "parent", l->parent, ANN "kind", l->kind,
+			ANN "step", l->step ? l->step : "", ANN "tree_digest", info.digest);
+	if (!doc) {
+		err = ib_error_set("cannot make the manifest (a step that is not UTF-8?)");
+		goto out;
+	}
+	manifest = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
+	if ((err = ib_remote_manifest_put(r, tag, manifest)) == 0)
+		err = 1;
+out:
+	if (err < 0)
+		ib_error_prefix("pushing layer %.12s to %s", l->key, ib_remote_url(r));
+	ib_cache_rmtemp(scratch, lockfd);
+	free(scratch);
+	free(blob);
+	free(dir);
+	free(manifest);
+	free(tag);
+	free(bd);
+	free(ed);
+	json_decref(m);
+	json_decref(doc);
+	return err;
+}

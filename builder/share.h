@@ -1,0 +1,36 @@
+#ifndef IB_SHARE_H
+#define IB_SHARE_H
+
+/*
+ * Layers shared through the remote (--remote, cache/remote.h): each layer
+ * key has one OCI artifact manifest, tagged layer-<key>, whose one blob is
+ * the layer's tar+zstd (layer/blob.h) and whose annotations carry the key,
+ * the parent, the kind, the step and the tree digest.  Manifests hold no
+ * time or place, so two nodes that push the same layer push the same bytes.
+ */
+
+#include "cache/cache.h"
+#include "cache/remote.h"
+#include "layer/walk.h"
+
+#define IB_SHARE_LAYER_TYPE "application/vnd.imagebuilder.layer.v1"
+#define IB_SHARE_LAYER_BLOB "application/vnd.imagebuilder.layer.v1.tar+zstd"
+
+typedef struct ib_share_layer {
+	const char *key, *parent, *kind, *step; /* parent "" for a base */
+} ib_share_layer;
+
+/*
+ * Pull layer l into the cache, if the remote has it (the caller holds the
+ * layer's exclusive lock and the parent is indexed): the blob's digest and
+ * the unpacked tree's digest are checked before it is committed.  1 pulled,
+ * 0 the remote has none, <0 (error set: the reason, for a warning) when the
+ * remote failed or what it sent does not verify; nothing enters the cache
+ * then.
+ */
+int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts);
+
+/* Push the cached layer l, unless the remote has it: 1 pushed, 0 it was there, <0 failed. */
+int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts);
+
+#endif
