@@ -931,6 +931,21 @@ static void push_built(struct run_ctx *rc)
 	}
 }
 
+/* The image, to the remote, for workers to pull (`imagebuilder pull`); a failure is a warning. */
+static void push_image(struct run_ctx *rc)
+{
+	int r;
+
+	if (!rc->remote)
+		return;
+	if ((r = ib_share_image_push(rc->remote, rc->cache, rc->plan->image_id)) < 0) {
+		emit(rc->prog, "warning: %s\n", ib_error_last());
+		ib_error_clear();
+	} else if (r > 0) {
+		emit(rc->prog, "[export] image %.12s pushed to the remote\n", rc->plan->image_id);
+	}
+}
+
 int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 {
 	const ib_plan *plan = b->plan;
@@ -990,6 +1005,7 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 		goto out;
 	push_built(&rc);
 output:
+	push_image(&rc);
 	if (opts->output) {
 		char *src = ib_cache_image_path(cache, plan->image_id);
 		err = ib_copy_sparse(src, opts->output, 0644);

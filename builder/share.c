@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "layer/blob.h"
+#include "layer/compact.h"
 #include "layer/tree.h"
 #include "lib/error.h"
 #include "lib/limits.h"
@@ -146,5 +147,124 @@ out:
 	free(ed);
 	json_decref(m);
 	json_decref(doc);
+	return err;
+}
+
+/* ---- images ---- */
+
+#define IMG "dev.imagebuilder.image."
+#define IMAGE_MAX ((uint64_t)1 << 40) /* bytes of an image taken from a remote */
+
+/* Upload blob path, and describe it in the manifest's layer list. */
+static int add_blob(ib_remote *r, json_t *layers, const char *type, const ib_artifact_info *a)
+{
+	char *d = ib_xasprintf("sha256:%s", a->sha256);
+	int err = ib_remote_blob_put(r, d, a->path);
+
+	if (!err)
+		json_array_append_new(layers, json_pack("{s:s, s:s, s:I}", "mediaType", type, "digest", d, "size",
+							(json_int_t)a->bytes));
+	free(d);
+	return err;
+}
+
+int ib_share_image_push(ib_remote *r, ib_cache *cache, const char *image_id)
+{
+	char *tag = ib_xasprintf("image-%s", image_id), *manifest = NULL, *ed = NULL;
+	char empty[IB_SHA256_HEX], sha[IB_SHA256_HEX], bytes[32];
+	ib_artifact_info zst = { 0 }, bmap = { 0 };
+	ib_image_info info = { 0 };
+	json_t *m = NULL, *doc = NULL, *layers = json_array();
+	int err;
+
+	if ((err = ib_remote_manifest_get(r, tag, &m)) != 0) {
+		err = err < 0 ? err : 0;
+		goto out;
+	}
+	if ((err = ib_cache_image_get(cache, image_id, &info)) <= 0) {
+		if (!err)
+			err = ib_error_set("not in the cache");
+		goto out;
+	}
+	if ((err = ib_cache_image_digest(cache, image_id, sha)) < 0 ||
+	    (err = ib_cache_image_artifact(cache, image_id, IB_ARTIFACT_ZST, &zst)) < 0 ||
+	    (err = ib_cache_image_artifact(cache, image_id, IB_ARTIFACT_BMAP, &bmap)) < 0)
+		goto out;
+	ib_sha256_hex(empty, EMPTY_CONFIG, strlen(EMPTY_CONFIG));
+	ed = ib_xasprintf("sha256:%s", empty);
+	if ((err = add_blob(r, layers, IB_SHARE_IMAGE_ZST, &zst)) < 0 ||
+	    (err = add_blob(r, layers, IB_SHARE_IMAGE_BMAP, &bmap)) < 0 ||
+	    (err = ib_remote_blob_put_mem(r, ed, EMPTY_CONFIG, strlen(EMPTY_CONFIG))) < 0)
+		goto out;
+	snprintf(bytes, sizeof(bytes), "%llu", (unsigned long long)info.ext4_bytes);
+	doc = json_pack("{s:i, s:s, s:s, s:{s:s, s:s, s:i}, s:O, s:{s:s, s:s, s:s, s:s, s:s}}", "schemaVersion", 2,
+			"mediaType", "application/vnd.oci.image.manifest.v1+json", "artifactType", IB_SHARE_IMAGE_TYPE,
+			"config", "mediaType", EMPTY_TYPE, "digest", ed, "size", (int)strlen(EMPTY_CONFIG), "layers",
+			layers, "annotations", IMG "id", image_id, IMG "ext4_sha256", sha, IMG "ext4_bytes", bytes,
+			IMG "arch", info.arch, IMG "base", info.meta && info.meta->base ? info.meta->base : "");
+	if (!doc) {
+		err = ib_error_set("cannot make the image manifest");
+		goto out;
+	}
+	manifest = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
+	if ((err = ib_remote_manifest_put(r, tag, manifest)) == 0)
+		err = 1;
+out:
+	if (err < 0)
+		ib_error_prefix("pushing image %.12s to %s", image_id, ib_remote_url(r));
+	ib_artifact_info_clear(&zst);
+	ib_artifact_info_clear(&bmap);
+	ib_image_info_clear(&info);
+	json_decref(m);
+	json_decref(doc);
+	json_decref(layers);
+	free(manifest);
+	free(ed);
+	free(tag);
+	return err;
+}
+
+int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path)
+{
+	char *tag = ib_xasprintf("image-%s", image_id), *zpath = ib_xasprintf("%s.zst.part", out_path);
+	char *tmp = ib_xasprintf("%s.part", out_path), got[IB_SHA256_HEX];
+	const char *digest = NULL, *want, *id;
+	json_t *m = NULL, *l;
+	size_t i;
+	int err;
+
+	if ((err = ib_remote_manifest_get(r, tag, &m)) <= 0) {
+		if (!err)
+			err = ib_error_set("%s has no image %s", ib_remote_url(r), image_id) < 0 ? IB_ENOTFOUND : 0;
+		goto out;
+	}
+	json_array_foreach(json_object_get(m, "layers"), i, l)
+		if (json_is_string(json_object_get(l, "mediaType")) &&
+		    !strcmp(json_string_value(json_object_get(l, "mediaType")), IB_SHARE_IMAGE_ZST))
+			digest = json_string_value(json_object_get(l, "digest"));
+	want = json_string_value(json_object_get(json_object_get(m, "annotations"), IMG "ext4_sha256"));
+	id = json_string_value(json_object_get(json_object_get(m, "annotations"), IMG "id"));
+	if (!digest || !want || !id || strcmp(id, image_id)) {
+		err = ib_error_set("manifest %s is not this image's", tag);
+		goto out;
+	}
+	if ((err = ib_remote_blob_get(r, digest, zpath, IMAGE_MAX)) < 0 ||
+	    (err = ib_zstd_read(zpath, tmp, IMAGE_MAX)) < 0 || (err = ib_sha256_file(got, tmp)) < 0)
+		goto out;
+	if (strcmp(got, want)) {
+		err = ib_error_set("the pulled image has sha256 %.12s, its manifest says %.12s: corrupt", got, want);
+		goto out;
+	}
+	if (chmod(tmp, 0644) < 0 || rename(tmp, out_path) < 0)
+		err = ib_error_set_errno(errno, "cannot move the image to '%s'", out_path);
+out:
+	if (err < 0)
+		ib_error_prefix("image %.12s from %s", image_id, ib_remote_url(r));
+	unlink(zpath);
+	unlink(tmp);
+	json_decref(m);
+	free(tag);
+	free(zpath);
+	free(tmp);
 	return err;
 }

@@ -33,4 +33,22 @@ int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 /* Push the cached layer l, unless the remote has it: 1 pushed, 0 it was there, <0 failed. */
 int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts);
 
+#define IB_SHARE_IMAGE_TYPE "application/vnd.imagebuilder.image.v1"
+#define IB_SHARE_IMAGE_ZST "application/vnd.imagebuilder.rootfs.ext4+zstd"
+#define IB_SHARE_IMAGE_BMAP "application/vnd.imagebuilder.rootfs.bmap+xml"
+
+/*
+ * Push the cached image (tag image-<id>): its ext4 as zstd and its bmap,
+ * annotated with the image id, the ext4's sha256 and size, arch and base.
+ * 1 pushed, 0 the remote has it, <0 failed.
+ */
+int ib_share_image_push(ib_remote *r, ib_cache *cache, const char *image_id);
+
+/*
+ * The image from the remote into out_path (written beside it, checked
+ * against the ext4 sha256 of its manifest, renamed into place; holes where
+ * the image has zeros).  IB_ENOTFOUND when the remote has no such image.
+ */
+int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path);
+
 #endif

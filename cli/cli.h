@@ -23,6 +23,7 @@ int cmd_serve(int argc, char **argv, ib_config *cfg);
 int cmd_gc(int argc, char **argv, ib_config *cfg);
 int cmd_warm(int argc, char **argv, ib_config *cfg);
 int cmd_debug(int argc, char **argv, ib_config *cfg);
+int cmd_pull(int argc, char **argv, ib_config *cfg);
 
 /* Report an error once, git-style: "imagebuilder: <msg>". */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

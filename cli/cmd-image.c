@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include "builder/export.h"
+#include "builder/share.h"
 #include "lib/util.h"
 #include "cli/cli.h"
 
@@ -194,4 +195,54 @@ int cmd_ls(int argc, char **argv, ib_config *cfg)
 	}
 	ib_cache_close(cache);
 	return ret;
+}
+
+static const char pull_usage[] = "pull IMAGE_ID -o OUT.ext4 [--remote URL]";
+
+/* An image from the remote, for a worker: no cache needed. */
+int cmd_pull(int argc, char **argv, ib_config *cfg)
+{
+	static const struct option longopts[] = {
+		{ "output", required_argument, NULL, 'o' },
+		{ "remote", required_argument, NULL, CLI_OPT_REMOTE },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *output = NULL, *id;
+	ib_remote *r = NULL;
+	int c, err;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "o:", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'o': output = optarg; break;
+		case CLI_OPT_REMOTE:
+			if (cli_limit_option(c, optarg, cfg) < 0)
+				return EXIT_USAGE;
+			break;
+		default: return cli_usage(pull_usage);
+		}
+	}
+	if (optind != argc - 1 || !output)
+		return cli_usage(pull_usage);
+	id = argv[optind];
+	if (!ib_is_hex64(id)) {
+		cli_error("'%s' is not an image id (64 hex digits)", id);
+		return EXIT_USAGE;
+	}
+	if (!cfg->remote) {
+		cli_error("no remote: give --remote URL or set IMAGEBUILDER_REMOTE");
+		return EXIT_USAGE;
+	}
+	if (ib_remote_open(&r, cfg->remote) < 0) {
+		cli_error("%s", ib_error_last());
+		return EXIT_USAGE;
+	}
+	err = ib_share_image_pull(r, id, output);
+	ib_remote_close(r);
+	if (err < 0) {
+		cli_error("%s", ib_error_last());
+		return EXIT_FAIL;
+	}
+	printf("%s\n", output);
+	return EXIT_OK;
 }

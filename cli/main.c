@@ -28,6 +28,7 @@ static const struct cmd {
 	{ "cache", cmd_cache, "cache verify [--repair]" },
 	{ "serve", cmd_serve, "serve --listen HOST:PORT [--token-file F] [--jobs N] " CLI_LIMIT_USAGE },
 	{ "warm", cmd_warm, "warm [--check] [--jobs N] " CLI_LIMIT_USAGE " (SPEC.json ... | --git URL --ref REF [--path DIR])" },
+	{ "pull", cmd_pull, "pull IMAGE_ID -o OUT.ext4 [--remote URL]" },
 	{ "gc", cmd_gc, "gc [--max-bytes N[K|M|G]] [--keep-days D] [--dry-run]" },
 	{ "debug", cmd_debug, "debug crash-points" },
 };

@@ -314,3 +314,87 @@ done:
 	ib_buf_free(&doc);
 	return err;
 }
+
+/* Write len bytes at *pos of fd, holes for whole zero blocks. */
+static int write_sparse(int fd, const char *path, const char *data, size_t len, off_t *pos)
+{
+	static const char zeros[IB_DATA_BLOCK];
+
+	while (len) {
+		size_t n = len < IB_DATA_BLOCK ? len : IB_DATA_BLOCK;
+
+		if (n == IB_DATA_BLOCK && !memcmp(data, zeros, n)) {
+			/* a hole: nothing written */
+		} else if (pwrite(fd, data, n, *pos) != (ssize_t)n) {
+			return ib_error_set_errno(errno, "cannot write '%s'", path);
+		}
+		*pos += (off_t)n;
+		data += n;
+		len -= n;
+	}
+	return 0;
+}
+
+int ib_zstd_read(const char *in_path, const char *out_path, uint64_t max)
+{
+	ZSTD_DCtx *dc = ZSTD_createDCtx();
+	size_t isize = ZSTD_DStreamInSize(), osize = 1 << 20, fill = 0, r = 1;
+	char *ibuf = ib_xmalloc(isize), *obuf = ib_xmalloc(osize);
+	int in = open(in_path, O_RDONLY | O_CLOEXEC), out = -1, err = 0;
+	off_t pos = 0;
+	ssize_t n;
+
+	if (in < 0 || (out = open(out_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600)) < 0) {
+		err = ib_error_set_errno(errno, "cannot open '%s'", in < 0 ? in_path : out_path);
+		goto out;
+	}
+	while ((n = read(in, ibuf, isize)) != 0) {
+		ZSTD_inBuffer ib = { ibuf, 0, 0 };
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			err = ib_error_set_errno(errno, "cannot read '%s'", in_path);
+			goto out;
+		}
+		ib.size = (size_t)n;
+		while (ib.pos < ib.size) {
+			ZSTD_outBuffer ob = { obuf + fill, osize - fill, 0 };
+			size_t whole;
+
+			r = ZSTD_decompressStream(dc, &ob, &ib);
+			if (ZSTD_isError(r)) {
+				err = ib_error_set("'%s': %s", in_path, ZSTD_getErrorName(r));
+				goto out;
+			}
+			fill += ob.pos;
+			if ((uint64_t)pos + fill > max) {
+				err = ib_error_set("'%s' holds more than %llu bytes", in_path, (unsigned long long)max);
+				goto out;
+			}
+			/* whole blocks out; a partial one waits for the rest */
+			whole = fill / IB_DATA_BLOCK * IB_DATA_BLOCK;
+			if (whole && (err = write_sparse(out, out_path, obuf, whole, &pos)) < 0)
+				goto out;
+			memmove(obuf, obuf + whole, fill - whole);
+			fill -= whole;
+		}
+	}
+	if (r != 0) {
+		err = ib_error_set("'%s' ends inside a zstd frame", in_path);
+		goto out;
+	}
+	if (fill && (err = write_sparse(out, out_path, obuf, fill, &pos)) < 0)
+		goto out;
+	if (ftruncate(out, pos) < 0 || fsync(out) < 0)
+		err = ib_error_set_errno(errno, "cannot finish '%s'", out_path);
+out:
+	if (in >= 0)
+		close(in);
+	if (out >= 0)
+		close(out);
+	ZSTD_freeDCtx(dc);
+	free(ibuf);
+	free(obuf);
+	return err;
+}

@@ -22,6 +22,13 @@
  * NULL) receives the size written.
  */
 int ib_zstd_write(const char *in_path, const char *out_path, unsigned threads, uint64_t *out_bytes);
+
+/*
+ * The other way: the zstd stream at in_path decompressed into out_path,
+ * zero blocks left as holes (an image file as the cache keeps it); at most
+ * max bytes.  Written in place: the caller renames.
+ */
+int ib_zstd_read(const char *in_path, const char *out_path, uint64_t max);
 int ib_bmap_write(const char *in_path, const char *out_path, uint64_t *out_bytes);
 
 #endif

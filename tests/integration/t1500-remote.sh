@@ -54,7 +54,7 @@ sources() { json_get "$T/out.json" '",".join(l["source"] for l in d["layers"])';
 # -- node A builds and pushes --
 spec one ""
 node "$C" "$T/one.json" "$T/a.ext4" || fail "node A: $(tail -5 "$T/log")"
-[ "$(grep -c 'pushed to the remote' "$T/log")" = 3 ] || fail "node A pushed: $(grep -i 'push\|warn' "$T/log")"
+[ "$(grep -c 'pushed to the remote (' "$T/log")" = 3 ] || fail "node A pushed: $(grep -i 'push\|warn' "$T/log")"
 skopeo list-tags --tls-verify=false "docker://127.0.0.1:$port/imagebuilder/layers" > "$T/tags.json" ||
 	fail "skopeo list-tags"
 for key in $(json_get "$T/out.json" '" ".join(l["key"] for l in d["layers"])'); do
@@ -67,6 +67,19 @@ skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/imagebuilder/l
 	[ "$(json_get "$T/m.json" 'd["annotations"]["dev.imagebuilder.layer.key"]')" = "$last" ] ||
 	fail "the layer's manifest: $(cat "$T/m.json")"
 ok "node A built and pushed 3 layers; skopeo lists layer-<key> tags and inspects an artifact manifest"
+
+# -- the image, for workers: imagebuilder pull, and stock tools --
+iid=$(json_get "$T/out.json" 'd["image_id"]')
+grep -q "\"image-$iid\"" "$T/tags.json" || fail "no tag image-$iid: $(cat "$T/tags.json")"
+skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/imagebuilder/layers:image-$iid" > "$T/im.json" ||
+	fail "skopeo inspect the image"
+[ "$(json_get "$T/im.json" 'd["annotations"]["dev.imagebuilder.image.ext4_sha256"]')" = "$(sha256sum "$T/a.ext4" | cut -d' ' -f1)" ] ||
+	fail "the image manifest's ext4_sha256: $(cat "$T/im.json")"
+"$IB" pull --remote "$REMOTE" "$iid" -o "$T/pulled.ext4" > /dev/null 2>"$T/pull.log" || fail "pull: $(cat "$T/pull.log")"
+cmp -s "$T/a.ext4" "$T/pulled.ext4" || fail "the pulled image differs from node A's"
+expect_status 1 "$IB" pull --remote "$REMOTE" "$(printf '%064d' 0)" -o "$T/none.ext4" 2>"$T/pull.log"
+grep -q "has no image" "$T/pull.log" || fail "pull of an unknown image: $(cat "$T/pull.log")"
+ok "image-<id> pushed (skopeo inspects its ext4_sha256); imagebuilder pull gives node A's bytes; an unknown id fails"
 
 # -- node B: a fresh cache, the same spec: nothing runs, the same bytes --
 node "$T/cacheB" "$T/one.json" "$T/b.ext4" || fail "node B: $(tail -5 "$T/log")"
