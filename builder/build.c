@@ -919,9 +919,21 @@ static void push_built(struct run_ctx *rc)
 		pthread_mutex_lock(&rc->b->mu);
 		src = rc->b->layers[i].source;
 		pthread_mutex_unlock(&rc->b->mu);
-		if ((src != IB_SOURCE_BUILT && src != IB_SOURCE_CACHE) || rc->held[i] < 0)
+		int lockfd = -1;
+
+		if (src != IB_SOURCE_BUILT && src != IB_SOURCE_CACHE)
 			continue;
-		if ((r = ib_share_push(rc->remote, rc->cache, &sl, NULL)) < 0) {
+		/* a cached image holds no layer: hold each (shared) while it is read, so gc leaves it */
+		if (rc->held[i] < 0 &&
+		    (ib_cache_lock_layer(rc->cache, l->key, IB_LOCK_SHARED | IB_LOCK_NOWAIT, NULL, 0, &lockfd, NULL) < 0 ||
+		     ib_cache_layer_get(rc->cache, l->key, NULL) <= 0)) {
+			ib_cache_unlock(lockfd);
+			ib_error_clear();
+			continue;
+		}
+		r = ib_share_push(rc->remote, rc->cache, &sl, NULL);
+		ib_cache_unlock(lockfd);
+		if (r < 0) {
 			emit(rc->prog, "warning: %s\n", ib_error_last());
 			ib_error_clear();
 		} else if (r > 0) {
@@ -1003,8 +1015,9 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 		goto out;
 	if ((err = export_image(&rc)) < 0)
 		goto out;
-	push_built(&rc);
 output:
+	/* everything the image needs, to the remote (what it has already costs a lookup each) */
+	push_built(&rc);
 	push_image(&rc);
 	if (opts->output) {
 		char *src = ib_cache_image_path(cache, plan->image_id);

@@ -125,6 +125,15 @@ node "$T/cacheE" "$T/one.json" "$T/e.ext4" || fail "the build after kill -9: $(t
 cmp -s "$T/a.ext4" "$T/e.ext4" || fail "the build after kill -9 gave other bytes"
 ok "kill -9 during a pull: the cache verifies; the next build gives node A's bytes"
 
+# -- a node whose image is cached pushes what the remote lacks (a remote that lost everything) --
+kill "$REG_PID"
+wait "$REG_PID" 2>/dev/null
+rm -rf "$T/registry"
+reg_start
+node "$T/cacheB" "$T/one.json" "$T/b2.ext4" || fail "node B again: $(tail -5 "$T/log")"
+[ "$(grep -c 'pushed to the remote' "$T/log")" = 4 ] || fail "a cached image pushed: $(grep -i 'push\|warn' "$T/log")"
+ok "a node with the image cached pushes its 3 layers and the image to a remote that lacks them"
+
 # -- the registry down: a warning, the build goes on --
 kill "$REG_PID"
 wait "$REG_PID" 2>/dev/null
