@@ -40,6 +40,7 @@ int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *upper = NULL;
 	json_t *m = NULL, *layer;
 	const char *digest, *tree;
+	char version[16];
 	ib_layer_seal seal;
 	int err, lockfd = -1;
 	double t0 = ib_now();
@@ -49,6 +50,12 @@ int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 	layer = json_array_get(json_object_get(m, "layers"), 0);
 	digest = json_string_value(json_object_get(layer, "digest"));
 	tree = annotation(m, "tree_digest");
+	snprintf(version, sizeof(version), "%d", IB_TREE_DIGEST_CURRENT);
+	if (strcmp(annotation(m, "tree_digest_version"), version)) {
+		err = ib_error_set("manifest %s has a tree digest of another version (%s)", tag,
+				   annotation(m, "tree_digest_version"));
+		goto out;
+	}
 	if (!digest || strcmp(annotation(m, "key"), l->key) || strlen(tree) != 64 ||
 	    !json_is_string(json_object_get(layer, "mediaType")) ||
 	    strcmp(json_string_value(json_object_get(layer, "mediaType")), IB_SHARE_LAYER_BLOB)) {
@@ -92,7 +99,7 @@ out:
 int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts)
 {
 	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *dir = NULL, *manifest = NULL;
-	char digest[IB_SHA256_HEX], empty[IB_SHA256_HEX], *bd = NULL, *ed = NULL;
+	char digest[IB_SHA256_HEX], empty[IB_SHA256_HEX], tree[IB_SHA256_HEX], version[16], *bd = NULL, *ed = NULL;
 	ib_layer_info info;
 	json_t *m = NULL, *doc = NULL;
 	uint64_t size;
@@ -114,6 +121,9 @@ int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 	dir = ib_cache_layer_path(cache, l->key);
 	if ((err = ib_layer_blob_pack(dir, blob, opts, digest, &size)) < 0)
 		goto out;
+	/* the tree digest a puller checks: this version's (a row of an older one keeps its own) */
+	if ((err = ib_tree_digest(tree, dir, IB_TREE_DIGEST_CURRENT, opts, NULL, NULL)) < 0)
+		goto out;
 	bd = ib_xasprintf("sha256:%s", digest);
 	ib_sha256_hex(empty, EMPTY_CONFIG, strlen(EMPTY_CONFIG));
 	ed = ib_xasprintf("sha256:%s", empty);
@@ -121,12 +131,13 @@ int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 	    (err = ib_remote_blob_put_mem(r, ed, EMPTY_CONFIG, strlen(EMPTY_CONFIG))) < 0)
 		goto out;
 	/* no time, no node: the same layer makes the same manifest everywhere */
-	doc = json_pack("{s:i, s:s, s:s, s:{s:s, s:s, s:i}, s:[{s:s, s:s, s:I}], s:{s:s, s:s, s:s, s:s, s:s}}",
+	snprintf(version, sizeof(version), "%d", IB_TREE_DIGEST_CURRENT);
+	doc = json_pack("{s:i, s:s, s:s, s:{s:s, s:s, s:i}, s:[{s:s, s:s, s:I}], s:{s:s, s:s, s:s, s:s, s:s, s:s}}",
 			"schemaVersion", 2, "mediaType", "application/vnd.oci.image.manifest.v1+json", "artifactType",
 			IB_SHARE_LAYER_TYPE, "config", "mediaType", EMPTY_TYPE, "digest", ed, "size",
 			(int)strlen(EMPTY_CONFIG), "layers", "mediaType", IB_SHARE_LAYER_BLOB, "digest", bd, "size",
 			(json_int_t)size, "annotations", ANN "key", l->key, ANN "parent", l->parent, ANN "kind", l->kind,
-			ANN "step", l->step ? l->step : "", ANN "tree_digest", info.digest);
+			ANN "step", l->step ? l->step : "", ANN "tree_digest", tree, ANN "tree_digest_version", version);
 	if (!doc) {
 		err = ib_error_set("cannot make the manifest (a step that is not UTF-8?)");
 		goto out;
