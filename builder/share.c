@@ -96,12 +96,41 @@ out:
 	return err;
 }
 
+/*
+ * An artifact manifest over blobs already uploaded (layers, taken) with
+ * annotations (taken), under tag: the empty config goes up first.  1
+ * put, <0 failed.  Keys sorted, no time in it: the same artifact gives the
+ * same manifest on every node.
+ */
+static int put_artifact(ib_remote *r, const char *tag, const char *type, json_t *layers, json_t *annotations)
+{
+	char empty[IB_SHA256_HEX], *ed, *manifest;
+	json_t *doc;
+	int err;
+
+	ib_sha256_hex(empty, EMPTY_CONFIG, strlen(EMPTY_CONFIG));
+	ed = ib_xasprintf("sha256:%s", empty);
+	doc = json_pack("{s:i, s:s, s:s, s:{s:s, s:s, s:i}, s:o, s:o}", "schemaVersion", 2, "mediaType",
+			"application/vnd.oci.image.manifest.v1+json", "artifactType", type, "config", "mediaType",
+			EMPTY_TYPE, "digest", ed, "size", (int)strlen(EMPTY_CONFIG), "layers", layers, "annotations",
+			annotations);
+	if (!doc || !layers || !annotations)
+		err = ib_error_set("cannot make the manifest of %s (a name that is not UTF-8?)", tag);
+	else if ((err = ib_remote_blob_put_mem(r, ed, EMPTY_CONFIG, strlen(EMPTY_CONFIG))) == 0) {
+		manifest = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
+		err = ib_remote_manifest_put(r, tag, manifest);
+		free(manifest);
+	}
+	json_decref(doc);
+	free(ed);
+	return err < 0 ? err : 1;
+}
+
 int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts)
 {
-	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *dir = NULL, *manifest = NULL;
-	char digest[IB_SHA256_HEX], empty[IB_SHA256_HEX], tree[IB_SHA256_HEX], version[16], *bd = NULL, *ed = NULL;
-	ib_layer_info info;
-	json_t *m = NULL, *doc = NULL;
+	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *dir = NULL, *bd = NULL;
+	char digest[IB_SHA256_HEX], tree[IB_SHA256_HEX], version[16];
+	json_t *m = NULL;
 	uint64_t size;
 	int err, lockfd = -1;
 
@@ -110,7 +139,7 @@ int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 		err = err < 0 ? err : 0;
 		goto out;
 	}
-	if ((err = ib_cache_layer_get(cache, l->key, &info)) <= 0) {
+	if ((err = ib_cache_layer_get(cache, l->key, NULL)) <= 0) {
 		if (!err)
 			err = ib_error_set("not in the cache");
 		goto out;
@@ -125,26 +154,15 @@ int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 	if ((err = ib_tree_digest(tree, dir, IB_TREE_DIGEST_CURRENT, opts, NULL, NULL)) < 0)
 		goto out;
 	bd = ib_xasprintf("sha256:%s", digest);
-	ib_sha256_hex(empty, EMPTY_CONFIG, strlen(EMPTY_CONFIG));
-	ed = ib_xasprintf("sha256:%s", empty);
-	if ((err = ib_remote_blob_put(r, bd, blob)) < 0 ||
-	    (err = ib_remote_blob_put_mem(r, ed, EMPTY_CONFIG, strlen(EMPTY_CONFIG))) < 0)
+	if ((err = ib_remote_blob_put(r, bd, blob)) < 0)
 		goto out;
-	/* no time, no node: the same layer makes the same manifest everywhere */
 	snprintf(version, sizeof(version), "%d", IB_TREE_DIGEST_CURRENT);
-	doc = json_pack("{s:i, s:s, s:s, s:{s:s, s:s, s:i}, s:[{s:s, s:s, s:I}], s:{s:s, s:s, s:s, s:s, s:s, s:s}}",
-			"schemaVersion", 2, "mediaType", "application/vnd.oci.image.manifest.v1+json", "artifactType",
-			IB_SHARE_LAYER_TYPE, "config", "mediaType", EMPTY_TYPE, "digest", ed, "size",
-			(int)strlen(EMPTY_CONFIG), "layers", "mediaType", IB_SHARE_LAYER_BLOB, "digest", bd, "size",
-			(json_int_t)size, "annotations", ANN "key", l->key, ANN "parent", l->parent, ANN "kind", l->kind,
-			ANN "step", l->step ? l->step : "", ANN "tree_digest", tree, ANN "tree_digest_version", version);
-	if (!doc) {
-		err = ib_error_set("cannot make the manifest (a step that is not UTF-8?)");
-		goto out;
-	}
-	manifest = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
-	if ((err = ib_remote_manifest_put(r, tag, manifest)) == 0)
-		err = 1;
+	err = put_artifact(r, tag, IB_SHARE_LAYER_TYPE,
+			   json_pack("[{s:s, s:s, s:I}]", "mediaType", IB_SHARE_LAYER_BLOB, "digest", bd, "size",
+				     (json_int_t)size),
+			   json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", ANN "key", l->key, ANN "parent", l->parent,
+				     ANN "kind", l->kind, ANN "step", l->step ? l->step : "", ANN "tree_digest", tree,
+				     ANN "tree_digest_version", version));
 out:
 	if (err < 0)
 		ib_error_prefix("pushing layer %.12s to %s", l->key, ib_remote_url(r));
@@ -152,12 +170,9 @@ out:
 	free(scratch);
 	free(blob);
 	free(dir);
-	free(manifest);
 	free(tag);
 	free(bd);
-	free(ed);
 	json_decref(m);
-	json_decref(doc);
 	return err;
 }
 
@@ -181,11 +196,11 @@ static int add_blob(ib_remote *r, json_t *layers, const char *type, const ib_art
 
 int ib_share_image_push(ib_remote *r, ib_cache *cache, const char *image_id)
 {
-	char *tag = ib_xasprintf("image-%s", image_id), *manifest = NULL, *ed = NULL;
-	char empty[IB_SHA256_HEX], sha[IB_SHA256_HEX], bytes[32];
+	char *tag = ib_xasprintf("image-%s", image_id);
+	char sha[IB_SHA256_HEX], bytes[32];
 	ib_artifact_info zst = { 0 }, bmap = { 0 };
 	ib_image_info info = { 0 };
-	json_t *m = NULL, *doc = NULL, *layers = json_array();
+	json_t *m = NULL, *layers = json_array();
 	int err;
 
 	if ((err = ib_remote_manifest_get(r, tag, &m)) != 0) {
@@ -201,25 +216,14 @@ int ib_share_image_push(ib_remote *r, ib_cache *cache, const char *image_id)
 	    (err = ib_cache_image_artifact(cache, image_id, IB_ARTIFACT_ZST, &zst)) < 0 ||
 	    (err = ib_cache_image_artifact(cache, image_id, IB_ARTIFACT_BMAP, &bmap)) < 0)
 		goto out;
-	ib_sha256_hex(empty, EMPTY_CONFIG, strlen(EMPTY_CONFIG));
-	ed = ib_xasprintf("sha256:%s", empty);
 	if ((err = add_blob(r, layers, IB_SHARE_IMAGE_ZST, &zst)) < 0 ||
-	    (err = add_blob(r, layers, IB_SHARE_IMAGE_BMAP, &bmap)) < 0 ||
-	    (err = ib_remote_blob_put_mem(r, ed, EMPTY_CONFIG, strlen(EMPTY_CONFIG))) < 0)
+	    (err = add_blob(r, layers, IB_SHARE_IMAGE_BMAP, &bmap)) < 0)
 		goto out;
 	snprintf(bytes, sizeof(bytes), "%llu", (unsigned long long)info.ext4_bytes);
-	doc = json_pack("{s:i, s:s, s:s, s:{s:s, s:s, s:i}, s:O, s:{s:s, s:s, s:s, s:s, s:s}}", "schemaVersion", 2,
-			"mediaType", "application/vnd.oci.image.manifest.v1+json", "artifactType", IB_SHARE_IMAGE_TYPE,
-			"config", "mediaType", EMPTY_TYPE, "digest", ed, "size", (int)strlen(EMPTY_CONFIG), "layers",
-			layers, "annotations", IMG "id", image_id, IMG "ext4_sha256", sha, IMG "ext4_bytes", bytes,
-			IMG "arch", info.arch, IMG "base", info.meta && info.meta->base ? info.meta->base : "");
-	if (!doc) {
-		err = ib_error_set("cannot make the image manifest");
-		goto out;
-	}
-	manifest = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
-	if ((err = ib_remote_manifest_put(r, tag, manifest)) == 0)
-		err = 1;
+	err = put_artifact(r, tag, IB_SHARE_IMAGE_TYPE, json_incref(layers),
+			   json_pack("{s:s, s:s, s:s, s:s, s:s}", IMG "id", image_id, IMG "ext4_sha256", sha,
+				     IMG "ext4_bytes", bytes, IMG "arch", info.arch, IMG "base",
+				     info.meta && info.meta->base ? info.meta->base : ""));
 out:
 	if (err < 0)
 		ib_error_prefix("pushing image %.12s to %s", image_id, ib_remote_url(r));
@@ -227,10 +231,7 @@ out:
 	ib_artifact_info_clear(&bmap);
 	ib_image_info_clear(&info);
 	json_decref(m);
-	json_decref(doc);
 	json_decref(layers);
-	free(manifest);
-	free(ed);
 	free(tag);
 	return err;
 }
