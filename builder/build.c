@@ -824,8 +824,18 @@ static int prepare(struct run_ctx *rc, char **scratch, int *tmplock)
 	rc->helper = find_helper(rc->cfg);
 	{
 		static unsigned counter;
-		char name[64];
-		snprintf(name, sizeof(name), "b-%ld-%u", (long)getpid(), __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED));
+		unsigned char rnd[4] = { 0 };
+		char name[64], hex[9];
+
+		/*
+		 * A build killed with -9 (or at a crash point) leaves its group
+		 * behind: a later process with the same pid must not meet it.
+		 */
+		if (getentropy(rnd, sizeof(rnd)) < 0)
+			memset(rnd, 0, sizeof(rnd));
+		ib_hex(hex, rnd, sizeof(rnd));
+		snprintf(name, sizeof(name), "b-%ld-%u-%s", (long)getpid(),
+			 __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED), hex);
 		if ((err = ib_cgroup_create(&rc->cgroup, name, &rc->limits)) < 0)
 			return err;
 	}

@@ -302,6 +302,9 @@ static void empty_group(const char *dir)
 
 void ib_cgroup_destroy(ib_cgroup *cg)
 {
+	/* cleanup's own failures are not reported: the caller's message stays */
+	char *msg = ib_xstrdup(ib_error_last());
+
 	for (size_t i = 0; i < sizeof(cg->dirs) / sizeof(cg->dirs[0]) && cg->dirs[i]; i++) {
 		if (cg->v2 && exists(cg->dirs[i], "cgroup.kill"))
 			put(cg->dirs[i], "cgroup.kill", "1");
@@ -311,7 +314,11 @@ void ib_cgroup_destroy(ib_cgroup *cg)
 		free(cg->dirs[i]);
 		cg->dirs[i] = NULL;
 	}
-	ib_error_clear();
+	if (*msg)
+		ib_error_set("%s", msg);
+	else
+		ib_error_clear();
+	free(msg);
 	memset(cg, 0, sizeof(*cg));
 }
 
