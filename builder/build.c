@@ -913,24 +913,24 @@ static void warn(struct progress *prog, const ib_plan *plan)
 /*
  * The layers this build made or found here, to the remote, unless it has
  * them (a push that failed before is retried so); a failure is a warning.
+ * Returns how many pushes failed; the first one's reason stays in *first.
  */
-static void push_built(struct run_ctx *rc)
+static int push_built(struct run_ctx *rc, char **first)
 {
 	const ib_plan *plan = rc->plan;
+	int failed = 0;
 
 	if (!rc->remote)
-		return;
+		return 0;
 	for (size_t i = 0; i < plan->nlayers; i++) {
 		const ib_plan_layer *l = &plan->layers[i];
 		ib_share_layer sl = { l->key, i ? plan->layers[i - 1].key : "", l->kind, l->canonical };
 		ib_layer_source src;
-		int r;
+		int r, lockfd = -1;
 
 		pthread_mutex_lock(&rc->b->mu);
 		src = rc->b->layers[i].source;
 		pthread_mutex_unlock(&rc->b->mu);
-		int lockfd = -1;
-
 		if (src != IB_SOURCE_BUILT && src != IB_SOURCE_CACHE)
 			continue;
 		/* a cached image holds no layer: hold each (shared) while it is read, so gc leaves it */
@@ -945,27 +945,56 @@ static void push_built(struct run_ctx *rc)
 		ib_cache_unlock(lockfd);
 		if (r < 0) {
 			emit(rc->prog, "warning: %s\n", ib_error_last());
+			if (!failed++ && first)
+				*first = ib_xstrdup(ib_error_last());
 			ib_error_clear();
 		} else if (r > 0) {
 			emit(rc->prog, "[%zu/%zu] %s: pushed to the remote (%.12s)\n", i + 1, plan->nlayers, l->kind,
 			     l->key);
 		}
 	}
+	return failed;
 }
 
-/* The image, to the remote, for workers to pull (`imagebuilder pull`); a failure is a warning. */
-static void push_image(struct run_ctx *rc)
+/* The image, to the remote, for workers to pull (`imagebuilder pull`); a failure is a warning (1). */
+static int push_image(struct run_ctx *rc, char **first)
 {
 	int r;
 
 	if (!rc->remote)
-		return;
+		return 0;
 	if ((r = ib_share_image_push(rc->remote, rc->cache, rc->plan->image_id)) < 0) {
 		emit(rc->prog, "warning: %s\n", ib_error_last());
+		if (first && !*first)
+			*first = ib_xstrdup(ib_error_last());
 		ib_error_clear();
-	} else if (r > 0) {
-		emit(rc->prog, "[export] image %.12s pushed to the remote\n", rc->plan->image_id);
+		return 1;
 	}
+	if (r > 0)
+		emit(rc->prog, "[export] image %.12s pushed to the remote\n", rc->plan->image_id);
+	return 0;
+}
+
+/*
+ * warm --push, with the image cached: is every layer here or in the
+ * remote?  A layer in neither (gc took it here, the remote never had it)
+ * must be made again for the remote to have the whole spec.
+ */
+static bool layers_reachable(struct run_ctx *rc)
+{
+	const ib_plan *plan = rc->plan;
+
+	for (size_t i = 0; i < plan->nlayers; i++) {
+		if (ib_cache_layer_get(rc->cache, plan->layers[i].key, NULL) > 0)
+			continue;
+		if (ib_share_layer_exists(rc->remote, plan->layers[i].key) <= 0) {
+			ib_error_clear();
+			emit(rc->prog, "[%zu/%zu] %s: neither cached nor in the remote: making the layers again\n",
+			     i + 1, plan->nlayers, plan->layers[i].kind);
+			return false;
+		}
+	}
+	return true;
 }
 
 int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
@@ -973,8 +1002,9 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	const ib_plan *plan = b->plan;
 	struct progress prog = { .opts = opts, .tail = IB_BUF_INIT };
 	struct run_ctx rc = { .b = b, .plan = plan, .cfg = b->cfg, .cache = cache, .opts = opts, .prog = &prog };
-	char *scratch = NULL;
-	int err = 0, tmplock = -1, r;
+	char *scratch = NULL, *first_failure = NULL;
+	int err = 0, tmplock = -1, r, failed;
+	bool image_cached = false;
 	double timeout = opts->timeout > 0 ? opts->timeout : IB_STEP_TIMEOUT_DEFAULT;
 
 	rc.disk = (ib_disk)IB_DISK_INIT;
@@ -984,16 +1014,28 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	rc.held = ib_xmalloc(plan->nlayers * sizeof(*rc.held));
 	for (size_t i = 0; i < plan->nlayers; i++)
 		rc.held[i] = -1;
-	if (b->cfg->remote && ib_remote_open(&rc.remote, b->cfg->remote) < 0) {
+	if (b->cfg->remote && ib_remote_open(&rc.remote, b->cfg->remote) == 0)
+		ib_remote_set_chunk(rc.remote, b->cfg->remote_chunk);
+	else if (b->cfg->remote) {
+		if (opts->push) {
+			err = IB_ERROR;
+			goto out;
+		}
 		/* a remote failure never fails a build */
 		emit(&prog, "warning: %s; building without it\n", ib_error_last());
 		ib_error_clear();
 	}
+	if (opts->push && !rc.remote) {
+		err = ib_error_set("nothing to push to: give --remote or IMAGEBUILDER_REMOTE");
+		goto out;
+	}
 	if (!opts->force && (r = found_cached(&rc)) != 0) {
 		err = r < 0 ? r : 0;
-		if (r > 0)
+		if (r < 0)
+			goto out;
+		if (!opts->push || layers_reachable(&rc))
 			goto output;
-		goto out;
+		image_cached = true;
 	}
 
 	/* Foreign architectures: check emulation before doing any work. */
@@ -1023,12 +1065,16 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	}
 	if ((err = finish_pending(&rc)) < 0)
 		goto out;
-	if ((err = export_image(&rc)) < 0)
+	if (!image_cached && (err = export_image(&rc)) < 0)
 		goto out;
 output:
 	/* everything the image needs, to the remote (what it has already costs a lookup each) */
-	push_built(&rc);
-	push_image(&rc);
+	failed = push_built(&rc, &first_failure) + push_image(&rc, &first_failure);
+	if (failed && opts->push) {
+		err = ib_error_set("%d push%s to the remote failed; the first: %s", failed, failed > 1 ? "es" : "",
+				   first_failure);
+		goto out;
+	}
 	if (opts->output) {
 		char *src = ib_cache_image_path(cache, plan->image_id);
 		err = ib_copy_sparse(src, opts->output, 0644);
@@ -1040,13 +1086,14 @@ out:
 
 		finish_pending_quietly(&rc);
 		msg = ib_xstrdup(ib_error_last());
-		push_built(&rc); /* what was built is good, though the build failed */
+		push_built(&rc, NULL); /* what was built is good, though the build failed */
 		pthread_mutex_lock(&b->mu);
 		free(b->error);
 		b->error = msg;
 		pthread_mutex_unlock(&b->mu);
 	}
 	ib_remote_close(rc.remote);
+	free(first_failure);
 	ib_cgroup_destroy(&rc.cgroup);
 	ib_apt_close(&rc.apt);
 	ib_disk_close(&rc.disk);

@@ -85,6 +85,8 @@ typedef struct ib_build_opts {
 	volatile int *cancel;    /* set non-zero to cancel */
 	const ib_runner_ops *runner; /* NULL: the namespace runner */
 	const ib_limits *limits; /* NULL: the configuration's */
+	bool push;               /* the remote must end up with every layer and the image: a push that fails,
+	                            or no remote, fails the build (warm --push) */
 } ib_build_opts;
 
 /*

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cache/remote.h"
 #include "lib/util.h"
 #include "spec/plan.h"
 
@@ -152,6 +153,13 @@ int ib_config_init(ib_config *cfg, const char *const *envp)
 		cfg->epoch = (int64_t)epoch;
 	}
 	if (idmap_init(cfg, env_get(envp, "IMAGEBUILDER_IDMAP")) < 0) {
+		ib_config_clear(cfg);
+		return IB_EINVALID;
+	}
+	cfg->remote_chunk = IB_REMOTE_CHUNK_DEFAULT;
+	if ((v = env_get(envp, "IMAGEBUILDER_REMOTE_CHUNK_SIZE")) &&
+	    ib_parse_size(&cfg->remote_chunk, v, (uint64_t)1 << 40) < 0) {
+		ib_error_prefix("IMAGEBUILDER_REMOTE_CHUNK_SIZE");
 		ib_config_clear(cfg);
 		return IB_EINVALID;
 	}

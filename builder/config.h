@@ -47,6 +47,7 @@ typedef struct ib_config {
 	ib_bootstrap_memory bootstrap_memory; /* IMAGEBUILDER_BOOTSTRAP_IN_MEMORY: 0, 1, else auto */
 	char *crash_at;         /* IMAGEBUILDER_CRASH_AT: a crash point to die at (tests); NULL: none */
 	char *remote;           /* IMAGEBUILDER_REMOTE or --remote: an OCI registry repository; NULL: none */
+	uint64_t remote_chunk;  /* IMAGEBUILDER_REMOTE_CHUNK_SIZE: blobs larger go up in chunks of it (0: whole) */
 	/*
 	 * Root in a step's sandbox is host uid idmap_uid (gid idmap_gid),
 	 * IB_IDMAP_COUNT ids from there: IMAGEBUILDER_IDMAP=UID[:GID], else

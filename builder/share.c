@@ -35,6 +35,17 @@ static const char *annotation(json_t *m, const char *name)
 	return v ? v : "";
 }
 
+int ib_share_layer_exists(ib_remote *r, const char *key)
+{
+	char *tag = tag_of(key);
+	json_t *m = NULL;
+	int err = ib_remote_manifest_get(r, tag, &m);
+
+	json_decref(m);
+	free(tag);
+	return err;
+}
+
 int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts)
 {
 	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *upper = NULL;

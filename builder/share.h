@@ -20,6 +20,9 @@ typedef struct ib_share_layer {
 	const char *key, *parent, *kind, *step; /* parent "" for a base */
 } ib_share_layer;
 
+/* Has the remote layer key? 1 yes, 0 no, <0 (error set) the remote failed. */
+int ib_share_layer_exists(ib_remote *r, const char *key);
+
 /*
  * Pull layer l into the cache, if the remote has it (the caller holds the
  * layer's exclusive lock and the parent is indexed): the blob's digest and

@@ -32,6 +32,7 @@ struct ib_remote {
 	char *host;      /* host[:port], the key of credentials */
 	char *repo;
 	char *basic;     /* "user:password", or NULL */
+	uint64_t chunk;  /* blobs larger than this go up in chunks of it (0: in one piece) */
 	pthread_mutex_t mu;
 	char *bearer;    /* the last token the registry gave (under mu) */
 };
@@ -120,6 +121,7 @@ int ib_remote_open(ib_remote **out, const char *url)
 	while (*r->repo && r->repo[strlen(r->repo) - 1] == '/')
 		r->repo[strlen(r->repo) - 1] = '\0';
 	r->basic = credentials(r->host);
+	r->chunk = IB_REMOTE_CHUNK_DEFAULT;
 	pthread_mutex_init(&r->mu, NULL);
 	*out = r;
 	return 0;
@@ -144,6 +146,11 @@ const char *ib_remote_url(const ib_remote *r)
 	return r->url;
 }
 
+void ib_remote_set_chunk(ib_remote *r, uint64_t bytes)
+{
+	r->chunk = bytes;
+}
+
 /* ---- requests ---- */
 
 typedef struct hreq {
@@ -153,9 +160,10 @@ typedef struct hreq {
 	const char *ctype, *accept;
 	const void *body;     /* what a PUT sends: from memory */
 	size_t body_len;
-	int body_fd;          /* or from a file (-1 none) */
-	uint64_t body_size;
-	size_t body_off;
+	int body_fd;          /* or from a file (-1 none): body_size bytes at body_start */
+	uint64_t body_start, body_size;
+	uint64_t body_off;
+	char *range;          /* Content-Range of a chunk, or NULL */
 	ib_buf *out;          /* the answer's body, or */
 	int out_fd;           /* into a file, hashed (-1 none) */
 	ib_sha256 *hash;
@@ -221,16 +229,22 @@ static size_t on_read(char *buf, size_t size, size_t n, void *arg)
 	ssize_t got;
 
 	if (h->body_fd < 0) {
-		size_t left = h->body_len - h->body_off;
+		size_t left = h->body_len - (size_t)h->body_off;
 		if (len > left)
 			len = left;
-		memcpy(buf, (const char *)h->body + h->body_off, len);
+		if (len)
+			memcpy(buf, (const char *)h->body + h->body_off, len);
 		h->body_off += len;
 		return len;
 	}
-	while ((got = read(h->body_fd, buf, len)) < 0 && errno == EINTR)
+	if (len > h->body_size - h->body_off)
+		len = (size_t)(h->body_size - h->body_off);
+	while ((got = pread(h->body_fd, buf, len, (off_t)(h->body_start + h->body_off))) < 0 && errno == EINTR)
 		;
-	return got < 0 ? CURL_READFUNC_ABORT : (size_t)got;
+	if (got < 0 || (got == 0 && len > 0))
+		return CURL_READFUNC_ABORT; /* the file shrank under us */
+	h->body_off += (uint64_t)got;
+	return (size_t)got;
 }
 
 /* The value of key="value" (or key=value) in a challenge; NULL when absent. */
@@ -346,9 +360,11 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 	h->got = 0;
 	h->too_large = false;
 	h->err[0] = '\0';
-	if (authorization && strlen(authorization) < sizeof(line) - 32) {
-		snprintf(line, sizeof(line), "Authorization: %s", authorization);
-		hdrs = curl_slist_append(hdrs, line);
+	if (authorization) {
+		/* tokens run to kilobytes (a JWT with its certificate chain) */
+		char *a = ib_xasprintf("Authorization: %s", authorization);
+		hdrs = curl_slist_append(hdrs, a);
+		free(a);
 	}
 	if (h->ctype) {
 		snprintf(line, sizeof(line), "Content-Type: %s", h->ctype);
@@ -356,6 +372,10 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 	}
 	if (h->accept) {
 		snprintf(line, sizeof(line), "Accept: %s", h->accept);
+		hdrs = curl_slist_append(hdrs, line);
+	}
+	if (h->range) {
+		snprintf(line, sizeof(line), "Content-Range: %s", h->range);
 		hdrs = curl_slist_append(hdrs, line);
 	}
 	curl_easy_setopt(c, CURLOPT_URL, h->url);
@@ -378,15 +398,15 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 		curl_easy_setopt(c, CURLOPT_MAXREDIRS, 5L);
 	} else if (!strcmp(h->method, "HEAD")) {
 		curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
-	} else if (!strcmp(h->method, "PUT")) {
+	} else if (!strcmp(h->method, "PUT") || !strcmp(h->method, "PATCH")) {
 		curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
+		if (strcmp(h->method, "PUT"))
+			curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, h->method);
 		curl_easy_setopt(c, CURLOPT_READFUNCTION, on_read);
 		curl_easy_setopt(c, CURLOPT_READDATA, h);
 		curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE,
 				 (curl_off_t)(h->body_fd >= 0 ? h->body_size : h->body_len));
 		h->body_off = 0;
-		if (h->body_fd >= 0)
-			lseek(h->body_fd, 0, SEEK_SET);
 	} else {
 		curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, h->method);
 		curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, 0L);
@@ -451,6 +471,7 @@ static int call(ib_remote *r, hreq *h)
 static void hreq_clear(hreq *h)
 {
 	free(h->url);
+	free(h->range);
 	free(h->location);
 	free(h->www_auth);
 }
@@ -551,12 +572,52 @@ int ib_remote_blob_exists(ib_remote *r, const char *digest)
 	return err;
 }
 
-/* The monolithic upload: POST for a session, PUT the bytes to it with the digest. */
+/* Where an upload goes next: its Location, made absolute. */
+static char *upload_url(ib_remote *r, const char *location)
+{
+	return ib_xasprintf("%s%s", location[0] == '/' ? r->base : "", location);
+}
+
+/*
+ * The chunked flow: PATCH each piece with its Content-Range to the
+ * session's latest Location; *url becomes where the closing PUT goes.
+ */
+static int blob_chunks(ib_remote *r, const char *digest, int fd, uint64_t size, char **url)
+{
+	int err = 0;
+
+	for (uint64_t at = 0; at < size && !err;) {
+		uint64_t n = size - at < r->chunk ? size - at : r->chunk;
+		hreq patch = { .method = "PATCH", .ctype = "application/octet-stream", .body_fd = fd,
+			       .body_start = at, .body_size = n, .out_fd = -1 };
+
+		patch.url = ib_xstrdup(*url);
+		patch.range = ib_xasprintf("%llu-%llu", (unsigned long long)at, (unsigned long long)(at + n - 1));
+		err = call(r, &patch);
+		if (!err && (patch.status != 202 || !patch.location))
+			err = ib_error_set("%s: uploading blob %.19s, bytes %s: HTTP %ld", r->url, digest, patch.range,
+					   patch.status);
+		if (!err) {
+			free(*url);
+			*url = upload_url(r, patch.location);
+			at += n;
+		}
+		hreq_clear(&patch);
+	}
+	return err;
+}
+
+/*
+ * An upload: POST for a session, then the bytes, then PUT with the digest
+ * to close it.  A blob up to the chunk size goes in that PUT (the
+ * monolithic flow); a larger one from a file goes in PATCHed chunks first.
+ */
 static int blob_put(ib_remote *r, const char *digest, int fd, uint64_t size, const void *data, size_t len)
 {
 	hreq post = { .method = "POST", .body_fd = -1, .out_fd = -1 };
 	hreq put = { .method = "PUT", .ctype = "application/octet-stream", .body = data, .body_len = len,
 		     .body_fd = fd, .body_size = size, .out_fd = -1 };
+	char *url = NULL;
 	int err, have;
 
 	if (!digest_ok(digest))
@@ -568,13 +629,20 @@ static int blob_put(ib_remote *r, const char *digest, int fd, uint64_t size, con
 	if (!err && (post.status != 202 || !post.location))
 		err = ib_error_set("%s: starting an upload: HTTP %ld", r->url, post.status);
 	if (!err) {
-		const char *loc = post.location;
-		put.url = ib_xasprintf("%s%s%s%sdigest=%s", loc[0] == '/' ? r->base : "", loc, "",
-				       strchr(loc, '?') ? "&" : "?", digest);
+		url = upload_url(r, post.location);
+		if (fd >= 0 && r->chunk && size > r->chunk) {
+			err = blob_chunks(r, digest, fd, size, &url);
+			put.body_fd = -1; /* the close carries no bytes */
+			put.body_len = 0;
+		}
+	}
+	if (!err) {
+		put.url = ib_xasprintf("%s%sdigest=%s", url, strchr(url, '?') ? "&" : "?", digest);
 		err = call(r, &put);
 		if (!err && put.status != 201)
 			err = ib_error_set("%s: uploading blob %.19s: HTTP %ld", r->url, digest, put.status);
 	}
+	free(url);
 	hreq_clear(&post);
 	hreq_clear(&put);
 	return err;

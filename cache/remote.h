@@ -6,7 +6,8 @@
  * (--remote URL, IMAGEBUILDER_REMOTE): http(s)://HOST[:PORT]/REPO.
  *
  * The client speaks the distribution API with libcurl: manifests by tag,
- * blobs by digest (checked as they come), monolithic blob uploads, and the
+ * blobs by digest (checked as they come), blob uploads (monolithic, or
+ * chunked for large blobs), and the
  * two ways registries ask for credentials: HTTP basic, and the bearer
  * token challenge (WWW-Authenticate: Bearer realm=...,service=...,scope=...).
  * Credentials follow docker and podman: $REGISTRY_AUTH_FILE, else
@@ -25,6 +26,14 @@ int ib_remote_open(ib_remote **out, const char *url);
 void ib_remote_close(ib_remote *r);
 /* The URL as given, for messages. */
 const char *ib_remote_url(const ib_remote *r);
+
+#define IB_REMOTE_CHUNK_DEFAULT ((uint64_t)64 << 20)
+/*
+ * Blobs larger than bytes go up in chunks of that size (the chunked
+ * upload flow: some registries and proxies cap a request's body); 0 sends
+ * every blob in one request.  IB_REMOTE_CHUNK_DEFAULT unless set.
+ */
+void ib_remote_set_chunk(ib_remote *r, uint64_t bytes);
 
 /* The manifest at tag: 1 and *out, 0 when there is none, <0 (error set) when the registry fails. */
 int ib_remote_manifest_get(ib_remote *r, const char *tag, json_t **out);

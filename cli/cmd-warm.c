@@ -20,7 +20,7 @@
 #include "cli/cli.h"
 
 static const char warm_usage[] =
-	"warm [--check] [--jobs N] " CLI_LIMIT_USAGE " (SPEC.json ... | --git URL --ref REF [--path DIR])";
+	"warm [--check | --push] [--jobs N] " CLI_LIMIT_USAGE " (SPEC.json ... | --git URL --ref REF [--path DIR])";
 
 #define WARM_JOBS_MAX 64
 
@@ -45,6 +45,7 @@ struct warm {
 	pthread_mutex_t mu;
 	const char *git_url;
 	const char *commit;
+	bool push; /* --push: the remote must end up with everything each spec needs */
 };
 
 static volatile int cancel_flag;
@@ -114,7 +115,7 @@ static char *explain_miss(ib_cache *cache, const ib_build *build)
 
 static void build_one(struct warm *w, struct job *j)
 {
-	ib_build_opts opts = { .log_fd = -1, .cancel = &cancel_flag };
+	ib_build_opts opts = { .log_fd = -1, .cancel = &cancel_flag, .push = w->push };
 	ib_build_status st;
 	char *log_path;
 	char stamp[32];
@@ -202,6 +203,7 @@ int cmd_warm(int argc, char **argv, ib_config *cfg)
 {
 	static const struct option longopts[] = {
 		{ "check", no_argument, NULL, 'c' },
+		{ "push", no_argument, NULL, 'P' },
 		{ "jobs", required_argument, NULL, 'j' },
 		{ "git", required_argument, NULL, 'g' },
 		{ "ref", required_argument, NULL, 'r' },
@@ -224,6 +226,7 @@ int cmd_warm(int argc, char **argv, ib_config *cfg)
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'c': check = 1; break;
+		case 'P': w.push = true; break;
 		case 'j':
 			if (ib_parse_u64(&njobs, optarg, WARM_JOBS_MAX) < 0 || njobs == 0) {
 				cli_error("--jobs: give 1 to %d", WARM_JOBS_MAX);
@@ -242,6 +245,10 @@ int cmd_warm(int argc, char **argv, ib_config *cfg)
 	}
 	if (git ? (optind != argc || !ref) : (optind == argc || ref || dir))
 		return cli_usage(warm_usage);
+	if (w.push && (check || !cfg->remote)) {
+		cli_error(check ? "--push and --check: give one" : "--push: give --remote URL or IMAGEBUILDER_REMOTE");
+		return EXIT_USAGE;
+	}
 	if (cli_open_cache(&w.cache, cfg) < 0)
 		return EXIT_FAIL;
 	ib_cache_clean_tmp(w.cache);
