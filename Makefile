@@ -147,8 +147,8 @@ analyze: $(GEN)/.stamp
 fresh-check:
 	@scripts/fresh-check.sh
 
-# BENCH=run|sandbox|arm64|serve-bench picks one; all by default.
-BENCH ?= run sandbox arm64 serve-bench
+# BENCH=run|sandbox|arm64|serve-bench|remote picks one; all by default.
+BENCH ?= run sandbox arm64 serve-bench remote
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@for b in $(BENCH); do echo "== bench/$$b.sh"; bench/$$b.sh $(BUILD) || exit 1; done

@@ -4,8 +4,12 @@
 #include "builder/share.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -46,9 +50,74 @@ int ib_share_layer_exists(ib_remote *r, const char *key)
 	return err;
 }
 
+/* The unpacker of a pull, in a thread of its own: it reads what the download writes. */
+struct unpack_job {
+	int fd, writer_fd;
+	const char *dir;
+	int err;
+	char msg[IB_ERROR_MAX];
+};
+
+static void *unpack_thread(void *arg)
+{
+	struct unpack_job *j = arg;
+
+	if ((j->err = ib_layer_blob_unpack_fd(j->fd, j->writer_fd, j->dir, IB_TREE_ENTRIES_MAX)) < 0)
+		snprintf(j->msg, sizeof(j->msg), "%s", ib_error_last());
+	return NULL;
+}
+
+static int to_socket(void *arg, const void *data, size_t len)
+{
+	int fd = *(int *)arg;
+
+	while (len) {
+		ssize_t n = send(fd, data, len, MSG_NOSIGNAL);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return ib_error_set_errno(errno, "the unpacker stopped reading");
+		data = (const char *)data + n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/*
+ * The blob digest into the empty directory upper, unpacked as it arrives:
+ * download and unpack overlap.  Nothing here is trusted until this
+ * returns 0 (the digest checked at the end).
+ */
+static int pull_into(ib_remote *r, const char *digest, const char *upper)
+{
+	struct unpack_job j = { .dir = upper };
+	pthread_t t;
+	int sv[2], err;
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return ib_error_set_errno(errno, "cannot make a socket pair");
+	j.fd = sv[0];
+	j.writer_fd = sv[1];
+	if ((err = pthread_create(&t, NULL, unpack_thread, &j)) != 0) {
+		close(sv[0]);
+		close(sv[1]);
+		return ib_error_set_errno(err, "cannot start the unpacker");
+	}
+	err = ib_remote_blob_stream(r, digest, LAYER_BLOB_MAX, to_socket, &sv[1]);
+	close(sv[1]); /* the end of the stream */
+	pthread_join(t, NULL);
+	close(sv[0]);
+	/* a corrupt blob breaks the unpacking too: the digest says it best; else the unpacker's reason */
+	if (err == IB_EINVALID)
+		return err;
+	if (j.err)
+		return ib_error_set("corrupt, or not a layer: %s", j.msg) < 0 ? j.err : 0;
+	return err;
+}
+
 int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts)
 {
-	char *tag = tag_of(l->key), *scratch = NULL, *blob = NULL, *upper = NULL;
+	char *tag = tag_of(l->key), *scratch = NULL, *upper = NULL;
 	json_t *m = NULL, *layer;
 	const char *digest, *tree;
 	char version[16];
@@ -75,16 +144,13 @@ int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 	}
 	if ((err = ib_cache_mktemp(cache, &scratch, &lockfd)) < 0)
 		goto out;
-	blob = ib_xasprintf("%s/layer.tar.zst", scratch);
 	upper = ib_xasprintf("%s/upper", scratch);
 	if (mkdir(upper, 0755) < 0) {
 		err = ib_error_set_errno(errno, "cannot create '%s'", upper);
 		goto out;
 	}
-	if ((err = ib_remote_blob_get(r, digest, blob, LAYER_BLOB_MAX)) < 0 ||
-	    (err = ib_layer_blob_unpack(blob, upper, IB_TREE_ENTRIES_MAX)) < 0)
+	if ((err = pull_into(r, digest, upper)) < 0)
 		goto out;
-	unlink(blob);
 	if ((err = ib_cache_layer_seal(upper, opts, &seal)) < 0)
 		goto out;
 	if (strcmp(seal.digest, tree)) {
@@ -100,7 +166,6 @@ out:
 		ib_error_prefix("layer %.12s from %s", l->key, ib_remote_url(r));
 	ib_cache_rmtemp(scratch, lockfd);
 	free(scratch);
-	free(blob);
 	free(upper);
 	free(tag);
 	json_decref(m);
@@ -247,12 +312,46 @@ out:
 	return err;
 }
 
-int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path)
+static int to_unzstd(void *arg, const void *data, size_t len)
 {
-	char *tag = ib_xasprintf("image-%s", image_id), *zpath = ib_xasprintf("%s.zst.part", out_path);
-	char *tmp = ib_xasprintf("%s.part", out_path), got[IB_SHA256_HEX];
-	const char *digest = NULL, *want, *id;
-	json_t *m = NULL, *l;
+	return ib_unzstd_write(arg, data, len);
+}
+
+struct to_file {
+	int fd;
+	const char *path;
+};
+
+static int to_file(void *arg, const void *data, size_t len)
+{
+	struct to_file *f = arg;
+
+	return ib_write_all(f->fd, data, len) < 0 ? ib_error_set_errno(errno, "cannot write '%s'", f->path) : 0;
+}
+
+/* The blob as it is (the .zst): checked by its digest. */
+static int pull_raw(ib_remote *r, const char *digest, const char *path)
+{
+	struct to_file f = { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600), path };
+	int err;
+
+	if (f.fd < 0)
+		return ib_error_set_errno(errno, "cannot create '%s'", path);
+	err = ib_remote_blob_stream(r, digest, IMAGE_MAX, to_file, &f);
+	if (!err && fsync(f.fd) < 0)
+		err = ib_error_set_errno(errno, "cannot sync '%s'", path);
+	close(f.fd);
+	return err;
+}
+
+int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path, bool zst)
+{
+	char *tag = ib_xasprintf("image-%s", image_id), *tmp = ib_xasprintf("%s.part", out_path);
+	const char *digest = NULL, *id, *bytes;
+	json_t *m = NULL, *l, *ann;
+	ib_unzstd *u = NULL;
+	uint64_t size = 0;
+	struct stat st;
 	size_t i;
 	int err;
 
@@ -265,29 +364,49 @@ int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path
 		if (json_is_string(json_object_get(l, "mediaType")) &&
 		    !strcmp(json_string_value(json_object_get(l, "mediaType")), IB_SHARE_IMAGE_ZST))
 			digest = json_string_value(json_object_get(l, "digest"));
-	want = json_string_value(json_object_get(json_object_get(m, "annotations"), IMG "ext4_sha256"));
-	id = json_string_value(json_object_get(json_object_get(m, "annotations"), IMG "id"));
-	if (!digest || !want || !id || strcmp(id, image_id)) {
+	ann = json_object_get(m, "annotations");
+	id = json_string_value(json_object_get(ann, IMG "id"));
+	bytes = json_string_value(json_object_get(ann, IMG "ext4_bytes"));
+	if (!digest || !id || strcmp(id, image_id) || !bytes || ib_parse_u64(&size, bytes, IMAGE_MAX) < 0) {
 		err = ib_error_set("manifest %s is not this image's", tag);
 		goto out;
 	}
-	if ((err = ib_remote_blob_get(r, digest, zpath, IMAGE_MAX)) < 0 ||
-	    (err = ib_zstd_read(zpath, tmp, IMAGE_MAX)) < 0 || (err = ib_sha256_file(got, tmp)) < 0)
+	if (zst) {
+		if ((err = pull_raw(r, digest, tmp)) < 0)
+			goto out;
+		goto done;
+	}
+	/*
+	 * Decompressed as it arrives: the blob's sha256 is checked at its end,
+	 * each zstd frame's content checksum at the frame's, and the size
+	 * against the manifest's.  (The ext4's own sha256, in the annotations,
+	 * would cost a read of every byte, holes too: seconds for an image.)
+	 */
+	if ((err = ib_unzstd_open(&u, tmp, size)) < 0)
 		goto out;
-	if (strcmp(got, want)) {
-		err = ib_error_set("the pulled image has sha256 %.12s, its manifest says %.12s: corrupt", got, want);
+	err = ib_remote_blob_stream(r, digest, IMAGE_MAX, to_unzstd, u);
+	if (ib_unzstd_close(u, !err) < 0 && !err)
+		err = IB_ERROR;
+	if (err < 0)
+		goto out;
+	if (stat(tmp, &st) < 0) {
+		err = ib_error_set_errno(errno, "cannot stat '%s'", tmp);
 		goto out;
 	}
+	if ((uint64_t)st.st_size != size) {
+		err = ib_error_set("the pulled image has %lld bytes, its manifest says %llu: corrupt",
+				   (long long)st.st_size, (unsigned long long)size);
+		goto out;
+	}
+done:
 	if (chmod(tmp, 0644) < 0 || rename(tmp, out_path) < 0)
 		err = ib_error_set_errno(errno, "cannot move the image to '%s'", out_path);
 out:
 	if (err < 0)
 		ib_error_prefix("image %.12s from %s", image_id, ib_remote_url(r));
-	unlink(zpath);
 	unlink(tmp);
 	json_decref(m);
 	free(tag);
-	free(zpath);
 	free(tmp);
 	return err;
 }

@@ -25,8 +25,9 @@ int ib_share_layer_exists(ib_remote *r, const char *key);
 
 /*
  * Pull layer l into the cache, if the remote has it (the caller holds the
- * layer's exclusive lock and the parent is indexed): the blob's digest and
- * the unpacked tree's digest are checked before it is committed.  1 pulled,
+ * layer's exclusive lock and the parent is indexed): unpacked as it
+ * arrives, in a child process; the blob's digest and the unpacked tree's
+ * digest are checked before it is committed.  1 pulled,
  * 0 the remote has none, <0 (error set: the reason, for a warning) when the
  * remote failed or what it sent does not verify; nothing enters the cache
  * then.
@@ -48,10 +49,13 @@ int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 int ib_share_image_push(ib_remote *r, ib_cache *cache, const char *image_id);
 
 /*
- * The image from the remote into out_path (written beside it, checked
- * against the ext4 sha256 of its manifest, renamed into place; holes where
- * the image has zeros).  IB_ENOTFOUND when the remote has no such image.
+ * The image from the remote into out_path: decompressed as it arrives,
+ * beside out_path (holes where the image has zeros), checked (the blob's
+ * digest, zstd's content checksums, the size in the manifest), renamed
+ * into place.  With zst, the compressed artifact as it is (checked by its
+ * digest), for zstd -d or bmaptool.  IB_ENOTFOUND when the remote has no
+ * such image.
  */
-int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path);
+int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path, bool zst);
 
 #endif

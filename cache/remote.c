@@ -165,10 +165,11 @@ typedef struct hreq {
 	uint64_t body_off;
 	char *range;          /* Content-Range of a chunk, or NULL */
 	ib_buf *out;          /* the answer's body, or */
-	int out_fd;           /* into a file, hashed (-1 none) */
+	ib_remote_sink sink;  /* to this as it comes, hashed (NULL none) */
+	void *sink_arg;
 	ib_sha256 *hash;
 	uint64_t max, got;
-	bool too_large;
+	bool too_large, sink_failed;
 	long status;
 	char *location, *www_auth;
 	char err[CURL_ERROR_SIZE];
@@ -212,10 +213,12 @@ static size_t on_body(char *buf, size_t size, size_t n, void *arg)
 		return 0;
 	}
 	h->got += len;
-	if (h->out_fd >= 0) {
-		if (ib_write_all(h->out_fd, buf, len) < 0)
-			return 0;
+	if (h->sink) {
 		ib_sha256_update(h->hash, buf, len);
+		if (h->sink(h->sink_arg, buf, len) < 0) {
+			h->sink_failed = true;
+			return 0;
+		}
 	} else if (h->out) {
 		ib_buf_add(h->out, buf, len);
 	}
@@ -281,7 +284,7 @@ static int fetch_token(ib_remote *r, const char *challenge)
 	char *scope = param(challenge, "scope"), *basic = NULL, *url;
 	CURL *c = curl_easy_init();
 	ib_buf body = IB_BUF_INIT;
-	hreq h = { .method = "GET", .body_fd = -1, .out = &body, .out_fd = -1, .max = TOKEN_MAX };
+	hreq h = { .method = "GET", .body_fd = -1, .out = &body, .max = TOKEN_MAX };
 	json_t *doc = NULL;
 	const char *tok;
 	int err = 0;
@@ -359,6 +362,7 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 	h->status = 0;
 	h->got = 0;
 	h->too_large = false;
+	h->sink_failed = false;
 	h->err[0] = '\0';
 	if (authorization) {
 		/* tokens run to kilobytes (a JWT with its certificate chain) */
@@ -419,6 +423,8 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 	if (h->too_large)
 		return ib_error_set("%s: the answer to %s is larger than %llu bytes", r->url, h->url,
 				    (unsigned long long)h->max);
+	if (h->sink_failed)
+		return IB_ERROR; /* the sink said why */
 	if (rc != CURLE_OK)
 		return ib_error_set("%s: %s", r->url, h->err[0] ? h->err : curl_easy_strerror(rc));
 	return 0;
@@ -453,12 +459,10 @@ static int call(ib_remote *r, hreq *h)
 			return ib_error_set("%s: the registry wants credentials and there are none for %s", r->url,
 					    r->host);
 		}
+		/* a 401's body went nowhere but the message buffer */
 		if (h->out)
 			ib_buf_reset(h->out);
-		if (h->out_fd >= 0 && (ftruncate(h->out_fd, 0) < 0 || lseek(h->out_fd, 0, SEEK_SET) < 0))
-			err = ib_error_set_errno(errno, "cannot rewind a download");
-		if (!err)
-			err = perform(r, h, auth);
+		err = perform(r, h, auth);
 	}
 	free(auth);
 	if (!err && h->status == 401)
@@ -481,8 +485,7 @@ static void hreq_clear(hreq *h)
 int ib_remote_manifest_get(ib_remote *r, const char *tag, json_t **out)
 {
 	ib_buf body = IB_BUF_INIT;
-	hreq h = { .method = "GET", .accept = MANIFEST_TYPE, .body_fd = -1, .out = &body, .out_fd = -1,
-		   .max = MANIFEST_MAX };
+	hreq h = { .method = "GET", .accept = MANIFEST_TYPE, .body_fd = -1, .out = &body, .max = MANIFEST_MAX };
 	json_error_t jerr;
 	int err;
 
@@ -506,7 +509,7 @@ int ib_remote_manifest_put(ib_remote *r, const char *tag, const char *manifest)
 {
 	ib_buf body = IB_BUF_INIT;
 	hreq h = { .method = "PUT", .ctype = MANIFEST_TYPE, .body = manifest, .body_len = strlen(manifest),
-		   .body_fd = -1, .out = &body, .out_fd = -1, .max = 1 << 20 };
+		   .body_fd = -1, .out = &body, .max = 1 << 20 };
 	int err;
 
 	h.url = ib_xasprintf("%s/v2/%s/manifests/%s", r->base, r->repo, tag);
@@ -529,18 +532,14 @@ static bool digest_ok(const char *digest)
 	return true;
 }
 
-int ib_remote_blob_get(ib_remote *r, const char *digest, const char *path, uint64_t max)
+int ib_remote_blob_stream(ib_remote *r, const char *digest, uint64_t max, ib_remote_sink sink, void *arg)
 {
-	hreq h = { .method = "GET", .body_fd = -1, .max = max };
+	hreq h = { .method = "GET", .body_fd = -1, .max = max, .sink = sink, .sink_arg = arg };
 	char hex[IB_SHA256_HEX];
-	int err, fd;
+	int err;
 
 	if (!digest_ok(digest))
 		return ib_error_set("%s: '%.80s' is not a sha256 digest", r->url, digest) < 0 ? IB_EINVALID : 0;
-	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0)
-		return ib_error_set_errno(errno, "cannot create '%s'", path);
-	h.out_fd = fd;
 	h.hash = ib_sha256_new();
 	h.url = ib_xasprintf("%s/v2/%s/blobs/%s", r->base, r->repo, digest);
 	err = call(r, &h);
@@ -551,16 +550,13 @@ int ib_remote_blob_get(ib_remote *r, const char *digest, const char *path, uint6
 		ib_error_set("%s: blob %.19s arrived with digest sha256:%.12s: corrupt", r->url, digest, hex);
 		err = IB_EINVALID;
 	}
-	if (!err && fsync(fd) < 0)
-		err = ib_error_set_errno(errno, "cannot sync '%s'", path);
-	close(fd);
 	hreq_clear(&h);
 	return err;
 }
 
 int ib_remote_blob_exists(ib_remote *r, const char *digest)
 {
-	hreq h = { .method = "HEAD", .body_fd = -1, .out_fd = -1 };
+	hreq h = { .method = "HEAD", .body_fd = -1 };
 	int err;
 
 	h.url = ib_xasprintf("%s/v2/%s/blobs/%s", r->base, r->repo, digest);
@@ -589,7 +585,7 @@ static int blob_chunks(ib_remote *r, const char *digest, int fd, uint64_t size, 
 	for (uint64_t at = 0; at < size && !err;) {
 		uint64_t n = size - at < r->chunk ? size - at : r->chunk;
 		hreq patch = { .method = "PATCH", .ctype = "application/octet-stream", .body_fd = fd,
-			       .body_start = at, .body_size = n, .out_fd = -1 };
+			       .body_start = at, .body_size = n };
 
 		patch.url = ib_xstrdup(*url);
 		patch.range = ib_xasprintf("%llu-%llu", (unsigned long long)at, (unsigned long long)(at + n - 1));
@@ -614,9 +610,9 @@ static int blob_chunks(ib_remote *r, const char *digest, int fd, uint64_t size, 
  */
 static int blob_put(ib_remote *r, const char *digest, int fd, uint64_t size, const void *data, size_t len)
 {
-	hreq post = { .method = "POST", .body_fd = -1, .out_fd = -1 };
+	hreq post = { .method = "POST", .body_fd = -1 };
 	hreq put = { .method = "PUT", .ctype = "application/octet-stream", .body = data, .body_len = len,
-		     .body_fd = fd, .body_size = size, .out_fd = -1 };
+		     .body_fd = fd, .body_size = size };
 	char *url = NULL;
 	int err, have;
 

@@ -41,10 +41,13 @@ int ib_remote_manifest_get(ib_remote *r, const char *tag, json_t **out);
 int ib_remote_manifest_put(ib_remote *r, const char *tag, const char *manifest);
 
 /*
- * Blob digest ("sha256:<hex>") into the file at path, at most max bytes;
- * the bytes must have that digest (IB_EINVALID when they do not).
+ * Blob digest ("sha256:<hex>"), at most max bytes, to sink as it arrives
+ * (sink returns <0, error set, to stop).  The bytes must have that digest,
+ * checked at the end (IB_EINVALID when they do not): whatever the sink
+ * made of them is to be trusted only when this returns 0.
  */
-int ib_remote_blob_get(ib_remote *r, const char *digest, const char *path, uint64_t max);
+typedef int (*ib_remote_sink)(void *arg, const void *data, size_t len);
+int ib_remote_blob_stream(ib_remote *r, const char *digest, uint64_t max, ib_remote_sink sink, void *arg);
 /* Does the registry have the blob? 1 yes, 0 no, <0 error. */
 int ib_remote_blob_exists(ib_remote *r, const char *digest);
 /* Upload the file at path as blob digest, unless the registry has it. */

@@ -197,7 +197,7 @@ int cmd_ls(int argc, char **argv, ib_config *cfg)
 	return ret;
 }
 
-static const char pull_usage[] = "pull IMAGE_ID -o OUT.ext4 [--remote URL]";
+static const char pull_usage[] = "pull IMAGE_ID -o OUT.ext4|OUT.ext4.zst [--remote URL]";
 
 /* An image from the remote, for a worker: no cache needed. */
 int cmd_pull(int argc, char **argv, ib_config *cfg)
@@ -237,7 +237,8 @@ int cmd_pull(int argc, char **argv, ib_config *cfg)
 		cli_error("%s", ib_error_last());
 		return EXIT_USAGE;
 	}
-	err = ib_share_image_pull(r, id, output);
+	/* OUT.zst: the compressed artifact as it is */
+	err = ib_share_image_pull(r, id, output, strlen(output) > 4 && !strcmp(output + strlen(output) - 4, ".zst"));
 	ib_remote_close(r);
 	if (err < 0) {
 		cli_error("%s", ib_error_last());

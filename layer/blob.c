@@ -259,7 +259,8 @@ out:
 }
 
 struct unpacker {
-	const char *blob;
+	const char *blob;    /* the file, or */
+	int fd, close_fd;    /* a stream (close_fd: the writer's end, closed in the child) */
 	uint64_t max_entries;
 };
 
@@ -269,28 +270,32 @@ static int unpack_here(void *arg)
 	struct unpacker *u = arg;
 	struct archive *in = archive_read_new(), *out = archive_write_disk_new();
 	struct archive_entry *e, *root = NULL;
+	const char *src = u->blob ? u->blob : "the layer stream";
 	uint64_t n = 0;
 	int err = 0, r;
 
+	if (!u->blob && u->close_fd >= 0)
+		close(u->close_fd); /* or the stream never ends */
 	archive_read_support_filter_zstd(in);
 	archive_read_support_format_tar(in);
 	archive_write_disk_set_options(out, ARCHIVE_EXTRACT_OWNER | ARCHIVE_EXTRACT_PERM | ARCHIVE_EXTRACT_TIME |
 						    ARCHIVE_EXTRACT_XATTR | ARCHIVE_EXTRACT_SECURE_NODOTDOT |
 						    ARCHIVE_EXTRACT_SECURE_SYMLINKS |
 						    ARCHIVE_EXTRACT_SECURE_NOABSOLUTEPATHS);
-	if (archive_read_open_filename(in, u->blob, 1 << 16) != ARCHIVE_OK) {
-		err = ib_error_set("cannot read '%s': %s", u->blob, archive_error_string(in));
+	if ((u->blob ? archive_read_open_filename(in, u->blob, 1 << 16) : archive_read_open_fd(in, u->fd, 1 << 16)) !=
+	    ARCHIVE_OK) {
+		err = ib_error_set("cannot read '%s': %s", src, archive_error_string(in));
 		goto out;
 	}
 	while ((r = archive_read_next_header(in, &e)) == ARCHIVE_OK) {
 		const char *name = archive_entry_pathname(e);
 
 		if (++n > u->max_entries) {
-			err = ib_error_set("'%s': more than %llu entries", u->blob, (unsigned long long)u->max_entries);
+			err = ib_error_set("'%s': more than %llu entries", src, (unsigned long long)u->max_entries);
 			goto out;
 		}
 		if (strncmp(name, "./", 2)) {
-			err = ib_error_set("'%s': entry '%.200s' is not below ./", u->blob, name);
+			err = ib_error_set("'%s': entry '%.200s' is not below ./", src, name);
 			goto out;
 		}
 		if (!strcmp(name, "./") || !strcmp(name, "./.")) {
@@ -322,10 +327,10 @@ static int unpack_here(void *arg)
 		}
 	}
 	if (r != ARCHIVE_EOF)
-		err = ib_error_set("cannot read '%s': %s", u->blob, archive_error_string(in));
+		err = ib_error_set("cannot read '%s': %s", src, archive_error_string(in));
 out:
 	if (archive_write_close(out) != ARCHIVE_OK && !err)
-		err = ib_error_set("cannot unpack '%s': %s", u->blob, archive_error_string(out));
+		err = ib_error_set("cannot unpack '%s': %s", src, archive_error_string(out));
 	if (!err && root) {
 		struct timespec t[2] = { { .tv_nsec = UTIME_OMIT },
 					 { archive_entry_mtime(root), archive_entry_mtime_nsec(root) } };
@@ -350,14 +355,27 @@ out:
 	return err;
 }
 
-int ib_layer_blob_unpack(const char *blob, const char *dir, uint64_t max_entries)
+static int unpack(struct unpacker *u, const char *dir)
 {
-	struct unpacker u = { .blob = blob, .max_entries = max_entries };
 	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC), err;
 
 	if (fd < 0)
 		return ib_error_set_errno(errno, "cannot open '%s'", dir);
-	err = ib_in_child_at(fd, unpack_here, &u, "unpacking a layer failed");
+	err = ib_in_child_at(fd, unpack_here, u, "unpacking a layer failed");
 	close(fd);
 	return err;
+}
+
+int ib_layer_blob_unpack(const char *blob, const char *dir, uint64_t max_entries)
+{
+	struct unpacker u = { .blob = blob, .fd = -1, .close_fd = -1, .max_entries = max_entries };
+
+	return unpack(&u, dir);
+}
+
+int ib_layer_blob_unpack_fd(int fd, int writer_fd, const char *dir, uint64_t max_entries)
+{
+	struct unpacker u = { .fd = fd, .close_fd = writer_fd, .max_entries = max_entries };
+
+	return unpack(&u, dir);
 }

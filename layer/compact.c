@@ -335,66 +335,83 @@ static int write_sparse(int fd, const char *path, const char *data, size_t len, 
 	return 0;
 }
 
-int ib_zstd_read(const char *in_path, const char *out_path, uint64_t max)
+struct ib_unzstd {
+	ZSTD_DCtx *dc;
+	char *path, *obuf;
+	size_t osize, fill, r; /* r: what the frame still wants (0: it ended) */
+	int fd;
+	off_t pos;
+	uint64_t max;
+};
+
+int ib_unzstd_open(ib_unzstd **out, const char *out_path, uint64_t max)
 {
-	ZSTD_DCtx *dc = ZSTD_createDCtx();
-	size_t isize = ZSTD_DStreamInSize(), osize = 1 << 20, fill = 0, r = 1;
-	char *ibuf = ib_xmalloc(isize), *obuf = ib_xmalloc(osize);
-	int in = open(in_path, O_RDONLY | O_CLOEXEC), out = -1, err = 0;
-	off_t pos = 0;
-	ssize_t n;
+	ib_unzstd *u;
+	int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
 
-	if (in < 0 || (out = open(out_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600)) < 0) {
-		err = ib_error_set_errno(errno, "cannot open '%s'", in < 0 ? in_path : out_path);
-		goto out;
+	*out = NULL;
+	if (fd < 0)
+		return ib_error_set_errno(errno, "cannot create '%s'", out_path);
+	u = ib_xcalloc(1, sizeof(*u));
+	u->dc = ZSTD_createDCtx();
+	u->path = ib_xstrdup(out_path);
+	u->osize = 1 << 20;
+	u->obuf = ib_xmalloc(u->osize);
+	u->r = 1;
+	u->fd = fd;
+	u->max = max;
+	if (!u->dc) {
+		ib_unzstd_close(u, false);
+		return ib_error_set("cannot make a zstd decoder");
 	}
-	while ((n = read(in, ibuf, isize)) != 0) {
-		ZSTD_inBuffer ib = { ibuf, 0, 0 };
+	*out = u;
+	return 0;
+}
 
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0) {
-			err = ib_error_set_errno(errno, "cannot read '%s'", in_path);
-			goto out;
-		}
-		ib.size = (size_t)n;
-		while (ib.pos < ib.size) {
-			ZSTD_outBuffer ob = { obuf + fill, osize - fill, 0 };
-			size_t whole;
+int ib_unzstd_write(ib_unzstd *u, const void *data, size_t len)
+{
+	ZSTD_inBuffer ib = { data, len, 0 };
+	int err;
 
-			r = ZSTD_decompressStream(dc, &ob, &ib);
-			if (ZSTD_isError(r)) {
-				err = ib_error_set("'%s': %s", in_path, ZSTD_getErrorName(r));
-				goto out;
-			}
-			fill += ob.pos;
-			if ((uint64_t)pos + fill > max) {
-				err = ib_error_set("'%s' holds more than %llu bytes", in_path, (unsigned long long)max);
-				goto out;
-			}
-			/* whole blocks out; a partial one waits for the rest */
-			whole = fill / IB_DATA_BLOCK * IB_DATA_BLOCK;
-			if (whole && (err = write_sparse(out, out_path, obuf, whole, &pos)) < 0)
-				goto out;
-			memmove(obuf, obuf + whole, fill - whole);
-			fill -= whole;
-		}
+	while (ib.pos < ib.size) {
+		ZSTD_outBuffer ob = { u->obuf + u->fill, u->osize - u->fill, 0 };
+		size_t whole;
+
+		u->r = ZSTD_decompressStream(u->dc, &ob, &ib);
+		if (ZSTD_isError(u->r))
+			return ib_error_set("'%s': corrupt zstd data: %s", u->path, ZSTD_getErrorName(u->r));
+		u->fill += ob.pos;
+		if ((uint64_t)u->pos + u->fill > u->max)
+			return ib_error_set("'%s' would hold more than %llu bytes", u->path, (unsigned long long)u->max);
+		/* whole blocks out; a partial one waits for the rest */
+		whole = u->fill / IB_DATA_BLOCK * IB_DATA_BLOCK;
+		if (whole && (err = write_sparse(u->fd, u->path, u->obuf, whole, &u->pos)) < 0)
+			return err;
+		memmove(u->obuf, u->obuf + whole, u->fill - whole);
+		u->fill -= whole;
 	}
-	if (r != 0) {
-		err = ib_error_set("'%s' ends inside a zstd frame", in_path);
-		goto out;
+	return 0;
+}
+
+int ib_unzstd_close(ib_unzstd *u, bool finish)
+{
+	int err = 0;
+
+	if (!u)
+		return 0;
+	if (finish) {
+		if (u->r != 0)
+			err = ib_error_set("'%s': the zstd stream ends inside a frame", u->path);
+		else if (u->fill && (err = write_sparse(u->fd, u->path, u->obuf, u->fill, &u->pos)) < 0)
+			;
+		else if (ftruncate(u->fd, u->pos) < 0 || fsync(u->fd) < 0)
+			err = ib_error_set_errno(errno, "cannot finish '%s'", u->path);
 	}
-	if (fill && (err = write_sparse(out, out_path, obuf, fill, &pos)) < 0)
-		goto out;
-	if (ftruncate(out, pos) < 0 || fsync(out) < 0)
-		err = ib_error_set_errno(errno, "cannot finish '%s'", out_path);
-out:
-	if (in >= 0)
-		close(in);
-	if (out >= 0)
-		close(out);
-	ZSTD_freeDCtx(dc);
-	free(ibuf);
-	free(obuf);
+	close(u->fd);
+	ZSTD_freeDCtx(u->dc);
+	free(u->obuf);
+	free(u->path);
+	free(u);
 	return err;
 }
+

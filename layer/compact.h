@@ -1,6 +1,7 @@
 #ifndef IB_COMPACT_H
 #define IB_COMPACT_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 /*
@@ -24,11 +25,18 @@
 int ib_zstd_write(const char *in_path, const char *out_path, unsigned threads, uint64_t *out_bytes);
 
 /*
- * The other way: the zstd stream at in_path decompressed into out_path,
- * zero blocks left as holes (an image file as the cache keeps it); at most
- * max bytes.  Written in place: the caller renames.
+ * The other way, as a stream (a download as it arrives): a zstd stream
+ * decompressed into out_path, zero blocks left as holes (an image file as
+ * the cache keeps it), at most max bytes, written in place (the caller
+ * renames).  Open out_path, write the compressed bytes as they come, close.  ib_unzstd_close() with finish
+ * checks that the stream ended where a frame does (zstd checks each
+ * frame's content checksum as it ends), writes the tail and syncs; without
+ * it, it only frees.
  */
-int ib_zstd_read(const char *in_path, const char *out_path, uint64_t max);
+typedef struct ib_unzstd ib_unzstd;
+int ib_unzstd_open(ib_unzstd **out, const char *out_path, uint64_t max);
+int ib_unzstd_write(ib_unzstd *u, const void *data, size_t len);
+int ib_unzstd_close(ib_unzstd *u, bool finish);
 int ib_bmap_write(const char *in_path, const char *out_path, uint64_t *out_bytes);
 
 #endif

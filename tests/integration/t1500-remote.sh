@@ -91,9 +91,12 @@ skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/imagebuilder/l
 	fail "the image manifest's ext4_sha256: $(cat "$T/im.json")"
 "$IB" pull --remote "$REMOTE" "$iid" -o "$T/pulled.ext4" > /dev/null 2>"$T/pull.log" || fail "pull: $(cat "$T/pull.log")"
 cmp -s "$T/a.ext4" "$T/pulled.ext4" || fail "the pulled image differs from node A's"
+"$IB" pull --remote "$REMOTE" "$iid" -o "$T/pulled.ext4.zst" > /dev/null 2>"$T/pull.log" || fail "pull .zst: $(cat "$T/pull.log")"
+zstd -q -d "$T/pulled.ext4.zst" -o "$T/unzstd.ext4" && cmp -s "$T/a.ext4" "$T/unzstd.ext4" ||
+	fail "pull -o X.zst is not node A's image compressed"
 expect_status 1 "$IB" pull --remote "$REMOTE" "$(printf '%064d' 0)" -o "$T/none.ext4" 2>"$T/pull.log"
 grep -q "has no image" "$T/pull.log" || fail "pull of an unknown image: $(cat "$T/pull.log")"
-ok "image-<id> pushed (skopeo inspects its ext4_sha256); imagebuilder pull gives node A's bytes; an unknown id fails"
+ok "image-<id> pushed (skopeo inspects its ext4_sha256); imagebuilder pull gives node A's bytes (ext4 or .zst); an unknown id fails"
 
 # -- node B: a fresh cache, the same spec: nothing runs, the same bytes --
 node "$T/cacheB" "$T/one.json" "$T/b.ext4" || fail "node B: $(tail -5 "$T/log")"
@@ -135,13 +138,25 @@ p = sys.argv[1]
 b = bytearray(open(p, "rb").read())
 b[len(b) // 2] ^= 0xff
 open(p, "wb").write(bytes(b))' "$data"
+zblob=$(json_get "$T/im.json" '[l for l in d["layers"] if l["mediaType"].endswith("ext4+zstd")][0]["digest"]' | sed 's/^sha256://')
+zdata="$T/registry/docker/registry/v2/blobs/sha256/$(echo "$zblob" | cut -c1-2)/$zblob/data"
+cp "$zdata" "$T/zdata.good"
+$PY -c 'import sys
+p = sys.argv[1]
+b = bytearray(open(p, "rb").read())
+b[len(b) // 3] ^= 0x01
+open(p, "wb").write(bytes(b))' "$zdata"
+expect_status 1 "$IB" pull --remote "$REMOTE" "$iid" -o "$T/bad.ext4" 2>"$T/pull.log"
+grep -q corrupt "$T/pull.log" && [ ! -e "$T/bad.ext4" ] && [ -z "$(ls "$T" | grep '\.part$')" ] ||
+	fail "a corrupt image blob: $(cat "$T/pull.log"); $(ls "$T")"
+cp "$T/zdata.good" "$zdata"
 node "$T/cacheD" "$T/one.json" "$T/d.ext4" || fail "node D: $(tail -5 "$T/log")"
 grep -q "warning: layer $(echo "$key" | cut -c1-12) from .*corrupt" "$T/log" ||
 	fail "no warning naming the corrupt layer: $(grep warning "$T/log")"
 [ "$(sources)" = remote,built,remote ] || fail "node D's layers came from $(sources)"
 cmp -s "$T/a.ext4" "$T/d.ext4" || fail "node D's ext4 differs"
 "$IB" cache verify --cache-dir "$T/cacheD" > "$T/v.log" 2>&1 || fail "node D's cache: $(cat "$T/v.log")"
-ok "a blob with one byte changed: refused with a warning naming the layer, built here; the cache verifies"
+ok "a blob with one byte changed: refused with a warning naming the layer, built here; the cache verifies; a corrupt image blob fails pull and leaves no file"
 
 # -- kill -9 during a pull: the cache verifies, and the next build is whole --
 "$IB" build --cache-dir "$T/cacheE" --remote "$REMOTE" -o "$T/e.ext4" "$T/one.json" >/dev/null 2>"$T/e.log" &
