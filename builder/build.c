@@ -606,7 +606,7 @@ static int build_layer(struct run_ctx *rc, size_t index)
 		if ((err = finish_pending(rc)) < 0)
 			goto fail_early;
 		t0 = ib_now();
-		r = ib_share_pull(rc->remote, rc->cache, &sl, &pw);
+		r = ib_share_pull(rc->remote, rc->cache, &sl, &pw, rc->limits.disk ? rc->limits.disk : UINT64_MAX);
 		if (r > 0 && (r = ib_cache_share_lock(lockfd)) == 0) {
 			rc->held[index] = lockfd;
 			set_source(b, index, IB_SOURCE_REMOTE);
@@ -1014,9 +1014,10 @@ int ib_build_run(ib_build *b, ib_cache *cache, const ib_build_opts *opts)
 	rc.held = ib_xmalloc(plan->nlayers * sizeof(*rc.held));
 	for (size_t i = 0; i < plan->nlayers; i++)
 		rc.held[i] = -1;
-	if (b->cfg->remote && ib_remote_open(&rc.remote, b->cfg->remote) == 0)
+	if (b->cfg->remote && ib_remote_open(&rc.remote, b->cfg->remote) == 0) {
 		ib_remote_set_chunk(rc.remote, b->cfg->remote_chunk);
-	else if (b->cfg->remote) {
+		ib_remote_set_abort(rc.remote, rc.deadline, opts->cancel);
+	} else if (b->cfg->remote) {
 		if (opts->push) {
 			err = IB_ERROR;
 			goto out;

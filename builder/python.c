@@ -246,7 +246,7 @@ int ib_python_unpack(const char *archive, const char *dir)
 		err = ib_error_set_errno(errno, "cannot open '%s'", root);
 		goto out;
 	}
-	err = ib_in_child_at(u.rootfd, unpack_child, &u, "unpacking the python archive failed");
+	err = ib_in_child_at(u.rootfd, u.rootfd, unpack_child, &u, "unpacking the python archive failed");
 out:
 	if (u.rootfd >= 0)
 		close(u.rootfd);

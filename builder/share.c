@@ -50,10 +50,14 @@ int ib_share_layer_exists(ib_remote *r, const char *key)
 	return err;
 }
 
+/* What may follow a layer's archive in its blob (tar's record padding, zstd's epilogue). */
+#define BLOB_TRAILER_MAX (1 << 20)
+
 /* The unpacker of a pull, in a thread of its own: it reads what the download writes. */
 struct unpack_job {
-	int fd, writer_fd;
+	int fd;
 	const char *dir;
+	uint64_t max_bytes;
 	int err;
 	char msg[IB_ERROR_MAX];
 };
@@ -61,9 +65,16 @@ struct unpack_job {
 static void *unpack_thread(void *arg)
 {
 	struct unpack_job *j = arg;
+	char buf[16384];
+	size_t left = BLOB_TRAILER_MAX;
+	ssize_t n;
 
-	if ((j->err = ib_layer_blob_unpack_fd(j->fd, j->writer_fd, j->dir, IB_TREE_ENTRIES_MAX)) < 0)
+	if ((j->err = ib_layer_blob_unpack_fd(j->fd, j->dir, IB_TREE_ENTRIES_MAX, j->max_bytes)) < 0)
 		snprintf(j->msg, sizeof(j->msg), "%s", ib_error_last());
+	/* what the archive left of the stream: a little is padding; more, or a failure, ends the download */
+	while (!j->err && left && ((n = read(j->fd, buf, sizeof(buf))) > 0 || (n < 0 && errno == EINTR)))
+		left -= n > 0 ? ((size_t)n < left ? (size_t)n : left) : 0;
+	shutdown(j->fd, SHUT_RDWR);
 	return NULL;
 }
 
@@ -88,23 +99,23 @@ static int to_socket(void *arg, const void *data, size_t len)
  * download and unpack overlap.  Nothing here is trusted until this
  * returns 0 (the digest checked at the end).
  */
-static int pull_into(ib_remote *r, const char *digest, const char *upper)
+static int pull_into(ib_remote *r, const char *digest, uint64_t size, const char *upper, uint64_t max_bytes)
 {
-	struct unpack_job j = { .dir = upper };
+	struct unpack_job j = { .dir = upper, .max_bytes = max_bytes };
 	pthread_t t;
 	int sv[2], err;
 
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return ib_error_set_errno(errno, "cannot make a socket pair");
 	j.fd = sv[0];
-	j.writer_fd = sv[1];
 	if ((err = pthread_create(&t, NULL, unpack_thread, &j)) != 0) {
 		close(sv[0]);
 		close(sv[1]);
 		return ib_error_set_errno(err, "cannot start the unpacker");
 	}
-	err = ib_remote_blob_stream(r, digest, LAYER_BLOB_MAX, to_socket, &sv[1]);
-	close(sv[1]); /* the end of the stream */
+	err = ib_remote_blob_stream(r, digest, size, to_socket, &sv[1]);
+	shutdown(sv[1], SHUT_WR); /* the end of the stream, whoever else holds this end */
+	close(sv[1]);
 	pthread_join(t, NULL);
 	close(sv[0]);
 	/* a corrupt blob breaks the unpacking too: the digest says it best; else the unpacker's reason */
@@ -115,11 +126,13 @@ static int pull_into(ib_remote *r, const char *digest, const char *upper)
 	return err;
 }
 
-int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts)
+int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts,
+		  uint64_t max_bytes)
 {
 	char *tag = tag_of(l->key), *scratch = NULL, *upper = NULL;
 	json_t *m = NULL, *layer;
 	const char *digest, *tree;
+	json_int_t size;
 	char version[16];
 	ib_layer_seal seal;
 	int err, lockfd = -1;
@@ -136,7 +149,9 @@ int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 				   annotation(m, "tree_digest_version"));
 		goto out;
 	}
-	if (!digest || strcmp(annotation(m, "key"), l->key) || strlen(tree) != 64 ||
+	size = json_integer_value(json_object_get(layer, "size"));
+	if (!digest || strcmp(annotation(m, "key"), l->key) || strlen(tree) != 64 || size <= 0 ||
+	    (uint64_t)size > LAYER_BLOB_MAX ||
 	    !json_is_string(json_object_get(layer, "mediaType")) ||
 	    strcmp(json_string_value(json_object_get(layer, "mediaType")), IB_SHARE_LAYER_BLOB)) {
 		err = ib_error_set("manifest %s is not a layer of this key", tag);
@@ -149,7 +164,7 @@ int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 		err = ib_error_set_errno(errno, "cannot create '%s'", upper);
 		goto out;
 	}
-	if ((err = pull_into(r, digest, upper)) < 0)
+	if ((err = pull_into(r, digest, (uint64_t)size, upper, max_bytes)) < 0)
 		goto out;
 	if ((err = ib_cache_layer_seal(upper, opts, &seal)) < 0)
 		goto out;
@@ -330,14 +345,14 @@ static int to_file(void *arg, const void *data, size_t len)
 }
 
 /* The blob as it is (the .zst): checked by its digest. */
-static int pull_raw(ib_remote *r, const char *digest, const char *path)
+static int pull_raw(ib_remote *r, const char *digest, uint64_t blob_size, const char *path)
 {
 	struct to_file f = { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600), path };
 	int err;
 
 	if (f.fd < 0)
 		return ib_error_set_errno(errno, "cannot create '%s'", path);
-	err = ib_remote_blob_stream(r, digest, IMAGE_MAX, to_file, &f);
+	err = ib_remote_blob_stream(r, digest, blob_size, to_file, &f);
 	if (!err && fsync(f.fd) < 0)
 		err = ib_error_set_errno(errno, "cannot sync '%s'", path);
 	close(f.fd);
@@ -351,6 +366,7 @@ int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path
 	json_t *m = NULL, *l, *ann;
 	ib_unzstd *u = NULL;
 	uint64_t size = 0;
+	json_int_t blob_size = 0;
 	struct stat st;
 	size_t i;
 	int err;
@@ -362,17 +378,20 @@ int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path
 	}
 	json_array_foreach(json_object_get(m, "layers"), i, l)
 		if (json_is_string(json_object_get(l, "mediaType")) &&
-		    !strcmp(json_string_value(json_object_get(l, "mediaType")), IB_SHARE_IMAGE_ZST))
+		    !strcmp(json_string_value(json_object_get(l, "mediaType")), IB_SHARE_IMAGE_ZST)) {
 			digest = json_string_value(json_object_get(l, "digest"));
+			blob_size = json_integer_value(json_object_get(l, "size"));
+		}
 	ann = json_object_get(m, "annotations");
 	id = json_string_value(json_object_get(ann, IMG "id"));
 	bytes = json_string_value(json_object_get(ann, IMG "ext4_bytes"));
-	if (!digest || !id || strcmp(id, image_id) || !bytes || ib_parse_u64(&size, bytes, IMAGE_MAX) < 0) {
+	if (!digest || !id || strcmp(id, image_id) || !bytes || ib_parse_u64(&size, bytes, IMAGE_MAX) < 0 ||
+	    blob_size <= 0 || (uint64_t)blob_size > IMAGE_MAX) {
 		err = ib_error_set("manifest %s is not this image's", tag);
 		goto out;
 	}
 	if (zst) {
-		if ((err = pull_raw(r, digest, tmp)) < 0)
+		if ((err = pull_raw(r, digest, (uint64_t)blob_size, tmp)) < 0)
 			goto out;
 		goto done;
 	}
@@ -384,7 +403,7 @@ int ib_share_image_pull(ib_remote *r, const char *image_id, const char *out_path
 	 */
 	if ((err = ib_unzstd_open(&u, tmp, size)) < 0)
 		goto out;
-	err = ib_remote_blob_stream(r, digest, IMAGE_MAX, to_unzstd, u);
+	err = ib_remote_blob_stream(r, digest, (uint64_t)blob_size, to_unzstd, u);
 	if (ib_unzstd_close(u, !err) < 0 && !err)
 		err = IB_ERROR;
 	if (err < 0)

@@ -26,13 +26,16 @@ int ib_share_layer_exists(ib_remote *r, const char *key);
 /*
  * Pull layer l into the cache, if the remote has it (the caller holds the
  * layer's exclusive lock and the parent is indexed): unpacked as it
- * arrives, in a child process; the blob's digest and the unpacked tree's
- * digest are checked before it is committed.  1 pulled,
+ * arrives, in a child process, at most max_bytes of file content (a
+ * layer larger than a build here may write is refused); the blob's size
+ * and digest and the unpacked tree's digest are checked before it is
+ * committed.  1 pulled,
  * 0 the remote has none, <0 (error set: the reason, for a warning) when the
  * remote failed or what it sent does not verify; nothing enters the cache
  * then.
  */
-int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts);
+int ib_share_pull(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts,
+		  uint64_t max_bytes);
 
 /* Push the cached layer l, unless the remote has it: 1 pushed, 0 it was there, <0 failed. */
 int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const ib_walk_opts *opts);

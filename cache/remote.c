@@ -33,6 +33,8 @@ struct ib_remote {
 	char *repo;
 	char *basic;     /* "user:password", or NULL */
 	uint64_t chunk;  /* blobs larger than this go up in chunks of it (0: in one piece) */
+	double deadline; /* ib_now() after which transfers stop (0: none) */
+	volatile int *cancel;
 	pthread_mutex_t mu;
 	char *bearer;    /* the last token the registry gave (under mu) */
 };
@@ -151,6 +153,48 @@ void ib_remote_set_chunk(ib_remote *r, uint64_t bytes)
 	r->chunk = bytes;
 }
 
+void ib_remote_set_abort(ib_remote *r, double deadline, volatile int *cancel)
+{
+	r->deadline = deadline;
+	r->cancel = cancel;
+}
+
+/* scheme://host[:port] of url, or NULL */
+static char *origin(const char *url)
+{
+	const char *p = strstr(url, "://");
+	size_t n;
+
+	if (!p)
+		return NULL;
+	p += 3;
+	n = strcspn(p, "/?#");
+	return ib_xstrndup(url, (size_t)(p - url) + n);
+}
+
+/* The host of url, without its port (an IPv6 literal keeps its brackets), or NULL. */
+static char *host_of(const char *url)
+{
+	const char *p = strstr(url, "://");
+	size_t n;
+
+	if (!p)
+		return NULL;
+	p += 3;
+	n = *p == '[' ? strcspn(p, "]") + 1 : strcspn(p, ":/?#");
+	return ib_xstrndup(p, n);
+}
+
+/* Is url on the registry's own scheme, host and port? */
+static bool same_origin(const ib_remote *r, const char *url)
+{
+	char *o = origin(url);
+	bool same = o && !strcasecmp(o, r->base);
+
+	free(o);
+	return same;
+}
+
 /* ---- requests ---- */
 
 typedef struct hreq {
@@ -169,7 +213,9 @@ typedef struct hreq {
 	void *sink_arg;
 	ib_sha256 *hash;
 	uint64_t max, got;
-	bool too_large, sink_failed;
+	bool too_large, sink_failed, aborted;
+	bool follow;          /* follow redirects (blob downloads) */
+	ib_remote *r;
 	long status;
 	char *location, *www_auth;
 	char err[CURL_ERROR_SIZE];
@@ -203,7 +249,9 @@ static size_t on_body(char *buf, size_t size, size_t n, void *arg)
 
 	curl_easy_getinfo(h->curl, CURLINFO_RESPONSE_CODE, &h->status);
 	if (h->status >= 300 || h->status < 200) {
-		/* an error's body: kept short for the message */
+		/* an error's body: the start kept for the message, and no more than 64 KiB of it taken */
+		if ((h->got += len) > (64 << 10))
+			return 0;
 		if (h->out && h->out->len < 4096)
 			ib_buf_add(h->out, buf, len);
 		return len;
@@ -250,6 +298,19 @@ static size_t on_read(char *buf, size_t size, size_t n, void *arg)
 	return (size_t)got;
 }
 
+/* Transfers stop at the build's deadline or cancel. */
+static int on_progress(void *arg, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un)
+{
+	hreq *h = arg;
+
+	(void)dt, (void)dn, (void)ut, (void)un;
+	if ((h->r->cancel && *h->r->cancel) || (h->r->deadline > 0 && ib_now() >= h->r->deadline)) {
+		h->aborted = true;
+		return 1;
+	}
+	return 0;
+}
+
 /* The value of key="value" (or key=value) in a challenge; NULL when absent. */
 static char *param(const char *challenge, const char *key)
 {
@@ -293,6 +354,23 @@ static int fetch_token(ib_remote *r, const char *challenge)
 		err = ib_error_set("%s: a bearer challenge without a realm", r->url);
 		goto out;
 	}
+	/*
+	 * The realm gets our credentials: over https, or, for a plain-http
+	 * registry (loopback, a trusted network), on the registry's own host;
+	 * nowhere else, and no redirects from it.
+	 */
+	if (strncasecmp(realm, "https://", 8)) {
+		char *rh = host_of(realm), *bh = host_of(r->base);
+		bool ok = !strncasecmp(realm, "http://", 7) && !strncasecmp(r->base, "http://", 7) && rh && bh &&
+			  !strcasecmp(rh, bh);
+		free(rh);
+		free(bh);
+		if (!ok) {
+			err = ib_error_set("%s: the token realm '%.200s' is neither https nor on the registry's host: not "
+					   "sending credentials there", r->url, realm);
+			goto out;
+		}
+	}
 	{
 		char *es = service ? curl_easy_escape(c, service, 0) : NULL;
 		char *sc = curl_easy_escape(c, scope ? scope : "", 0);
@@ -324,10 +402,15 @@ static int fetch_token(ib_remote *r, const char *challenge)
 	tok = json_string_value(json_object_get(doc, "token"));
 	if (!tok)
 		tok = json_string_value(json_object_get(doc, "access_token"));
-	if (!tok) {
+	if (!tok || !*tok) {
 		err = ib_error_set("%s: the token service gave no token", r->url);
 		goto out;
 	}
+	for (const char *p = tok; *p; p++)
+		if (*p <= ' ' || *p > '~') {
+			err = ib_error_set("%s: the token service gave a token that is not printable ASCII", r->url);
+			goto out;
+		}
 	pthread_mutex_lock(&r->mu);
 	free(r->bearer);
 	r->bearer = ib_xasprintf("Bearer %s", tok);
@@ -355,15 +438,19 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 	char line[512];
 	CURLcode rc;
 
-	(void)r;
 	if (!c)
 		return ib_error_set("curl_easy_init failed");
 	h->curl = c;
+	h->r = r;
 	h->status = 0;
 	h->got = 0;
 	h->too_large = false;
 	h->sink_failed = false;
+	h->aborted = false;
 	h->err[0] = '\0';
+	free(h->location);
+	free(h->www_auth);
+	h->location = h->www_auth = NULL;
 	if (authorization) {
 		/* tokens run to kilobytes (a JWT with its certificate chain) */
 		char *a = ib_xasprintf("Authorization: %s", authorization);
@@ -396,10 +483,18 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 	curl_easy_setopt(c, CURLOPT_HEADERDATA, h);
 	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
 	curl_easy_setopt(c, CURLOPT_WRITEDATA, h);
-	if (!strcmp(h->method, "GET")) {
-		/* blobs may live behind a redirect (a storage service); credentials do not follow */
+	curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
+	curl_easy_setopt(c, CURLOPT_XFERINFODATA, h);
+	curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+	if (h->follow) {
+		/* blobs may live behind a redirect (a storage service): credentials do not follow, https stays https */
 		curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 1L);
 		curl_easy_setopt(c, CURLOPT_MAXREDIRS, 5L);
+		if (!strncasecmp(r->base, "https://", 8))
+			curl_easy_setopt(c, CURLOPT_REDIR_PROTOCOLS_STR, "https");
+	}
+	if (!strcmp(h->method, "GET")) {
+		/* nothing more to set */
 	} else if (!strcmp(h->method, "HEAD")) {
 		curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
 	} else if (!strcmp(h->method, "PUT") || !strcmp(h->method, "PATCH")) {
@@ -425,6 +520,9 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 				    (unsigned long long)h->max);
 	if (h->sink_failed)
 		return IB_ERROR; /* the sink said why */
+	if (h->aborted)
+		return r->cancel && *r->cancel ? ib_error_set("%s: cancelled", r->url) < 0 ? IB_ECANCELED : 0
+					       : ib_error_set("%s: timed out", r->url) < 0 ? IB_ETIMEOUT : 0;
 	if (rc != CURLE_OK)
 		return ib_error_set("%s: %s", r->url, h->err[0] ? h->err : curl_easy_strerror(rc));
 	return 0;
@@ -534,7 +632,7 @@ static bool digest_ok(const char *digest)
 
 int ib_remote_blob_stream(ib_remote *r, const char *digest, uint64_t max, ib_remote_sink sink, void *arg)
 {
-	hreq h = { .method = "GET", .body_fd = -1, .max = max, .sink = sink, .sink_arg = arg };
+	hreq h = { .method = "GET", .body_fd = -1, .max = max, .sink = sink, .sink_arg = arg, .follow = true };
 	char hex[IB_SHA256_HEX];
 	int err;
 
@@ -568,10 +666,19 @@ int ib_remote_blob_exists(ib_remote *r, const char *digest)
 	return err;
 }
 
-/* Where an upload goes next: its Location, made absolute. */
+/*
+ * Where an upload goes next: its Location, made absolute; NULL (error set)
+ * when it is on another origin (our credentials would go with it) or not
+ * a URL.
+ */
 static char *upload_url(ib_remote *r, const char *location)
 {
-	return ib_xasprintf("%s%s", location[0] == '/' ? r->base : "", location);
+	if (location[0] == '/' && location[1] != '/')
+		return ib_xasprintf("%s%s", r->base, location);
+	if (same_origin(r, location))
+		return ib_xstrdup(location);
+	ib_error_set("%s: the registry sends the upload to '%.200s', not its own origin", r->url, location);
+	return NULL;
 }
 
 /*
@@ -595,7 +702,8 @@ static int blob_chunks(ib_remote *r, const char *digest, int fd, uint64_t size, 
 					   patch.status);
 		if (!err) {
 			free(*url);
-			*url = upload_url(r, patch.location);
+			if (!(*url = upload_url(r, patch.location)))
+				err = IB_ERROR;
 			at += n;
 		}
 		hreq_clear(&patch);
@@ -624,8 +732,9 @@ static int blob_put(ib_remote *r, const char *digest, int fd, uint64_t size, con
 	err = call(r, &post);
 	if (!err && (post.status != 202 || !post.location))
 		err = ib_error_set("%s: starting an upload: HTTP %ld", r->url, post.status);
+	if (!err && !(url = upload_url(r, post.location)))
+		err = IB_ERROR;
 	if (!err) {
-		url = upload_url(r, post.location);
 		if (fd >= 0 && r->chunk && size > r->chunk) {
 			err = blob_chunks(r, digest, fd, size, &url);
 			put.body_fd = -1; /* the close carries no bytes */

@@ -34,6 +34,8 @@ const char *ib_remote_url(const ib_remote *r);
  * every blob in one request.  IB_REMOTE_CHUNK_DEFAULT unless set.
  */
 void ib_remote_set_chunk(ib_remote *r, uint64_t bytes);
+/* Transfers stop (IB_ETIMEOUT, IB_ECANCELED) at ib_now() >= deadline (0: never) or when *cancel is set. */
+void ib_remote_set_abort(ib_remote *r, double deadline, volatile int *cancel);
 
 /* The manifest at tag: 1 and *out, 0 when there is none, <0 (error set) when the registry fails. */
 int ib_remote_manifest_get(ib_remote *r, const char *tag, json_t **out);

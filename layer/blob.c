@@ -260,8 +260,8 @@ out:
 
 struct unpacker {
 	const char *blob;    /* the file, or */
-	int fd, close_fd;    /* a stream (close_fd: the writer's end, closed in the child) */
-	uint64_t max_entries;
+	int fd;              /* a stream */
+	uint64_t max_entries, max_bytes;
 };
 
 /* In the child, inside the target: every name relative, libarchive's guards on. */
@@ -271,11 +271,9 @@ static int unpack_here(void *arg)
 	struct archive *in = archive_read_new(), *out = archive_write_disk_new();
 	struct archive_entry *e, *root = NULL;
 	const char *src = u->blob ? u->blob : "the layer stream";
-	uint64_t n = 0;
+	uint64_t n = 0, bytes = 0;
 	int err = 0, r;
 
-	if (!u->blob && u->close_fd >= 0)
-		close(u->close_fd); /* or the stream never ends */
 	archive_read_support_filter_zstd(in);
 	archive_read_support_format_tar(in);
 	archive_write_disk_set_options(out, ARCHIVE_EXTRACT_OWNER | ARCHIVE_EXTRACT_PERM | ARCHIVE_EXTRACT_TIME |
@@ -311,11 +309,17 @@ static int unpack_here(void *arg)
 			const void *buf;
 			size_t size;
 			la_int64_t off;
-			while ((r = archive_read_data_block(in, &buf, &size, &off)) == ARCHIVE_OK)
+			while ((r = archive_read_data_block(in, &buf, &size, &off)) == ARCHIVE_OK) {
+				if ((bytes += size) > u->max_bytes) {
+					err = ib_error_set("'%s': more than %llu bytes of content", src,
+							   (unsigned long long)u->max_bytes);
+					goto out;
+				}
 				if (archive_write_data_block(out, buf, size, off) != ARCHIVE_OK) {
 					err = ib_error_set("cannot write '%.200s': %s", name, archive_error_string(out));
 					goto out;
 				}
+			}
 			if (r != ARCHIVE_EOF) {
 				err = ib_error_set("cannot read '%.200s': %s", name, archive_error_string(in));
 				goto out;
@@ -361,21 +365,21 @@ static int unpack(struct unpacker *u, const char *dir)
 
 	if (fd < 0)
 		return ib_error_set_errno(errno, "cannot open '%s'", dir);
-	err = ib_in_child_at(fd, unpack_here, u, "unpacking a layer failed");
+	err = ib_in_child_at(fd, u->blob ? -1 : u->fd, unpack_here, u, "unpacking a layer failed");
 	close(fd);
 	return err;
 }
 
 int ib_layer_blob_unpack(const char *blob, const char *dir, uint64_t max_entries)
 {
-	struct unpacker u = { .blob = blob, .fd = -1, .close_fd = -1, .max_entries = max_entries };
+	struct unpacker u = { .blob = blob, .fd = -1, .max_entries = max_entries, .max_bytes = UINT64_MAX };
 
 	return unpack(&u, dir);
 }
 
-int ib_layer_blob_unpack_fd(int fd, int writer_fd, const char *dir, uint64_t max_entries)
+int ib_layer_blob_unpack_fd(int fd, const char *dir, uint64_t max_entries, uint64_t max_bytes)
 {
-	struct unpacker u = { .fd = fd, .close_fd = writer_fd, .max_entries = max_entries };
+	struct unpacker u = { .fd = fd, .max_entries = max_entries, .max_bytes = max_bytes };
 
 	return unpack(&u, dir);
 }

@@ -30,9 +30,9 @@ int ib_layer_blob_pack(const char *dir, const char *out_path, const ib_walk_opts
 int ib_layer_blob_unpack(const char *blob, const char *dir, uint64_t max_entries);
 /*
  * The same from a stream: the blob's bytes as they are read from fd (a
- * download as it arrives); writer_fd, the other end, is closed in the
- * child.  What it unpacked is trusted only once the stream is verified.
+ * download as it arrives), at most max_bytes of file content.  What it
+ * unpacked is trusted only once the stream is verified.
  */
-int ib_layer_blob_unpack_fd(int fd, int writer_fd, const char *dir, uint64_t max_entries);
+int ib_layer_blob_unpack_fd(int fd, const char *dir, uint64_t max_entries, uint64_t max_bytes);
 
 #endif

@@ -373,13 +373,15 @@ int ib_unzstd_write(ib_unzstd *u, const void *data, size_t len)
 	ZSTD_inBuffer ib = { data, len, 0 };
 	int err;
 
-	while (ib.pos < ib.size) {
+	/* until the input is taken and the decoder holds nothing back (it filled the output: maybe more) */
+	for (bool full = true; ib.pos < ib.size || full;) {
 		ZSTD_outBuffer ob = { u->obuf + u->fill, u->osize - u->fill, 0 };
 		size_t whole;
 
 		u->r = ZSTD_decompressStream(u->dc, &ob, &ib);
 		if (ZSTD_isError(u->r))
 			return ib_error_set("'%s': corrupt zstd data: %s", u->path, ZSTD_getErrorName(u->r));
+		full = ob.pos == ob.size;
 		u->fill += ob.pos;
 		if ((uint64_t)u->pos + u->fill > u->max)
 			return ib_error_set("'%s' would hold more than %llu bytes", u->path, (unsigned long long)u->max);

@@ -704,7 +704,7 @@ uint64_t ib_du(const char *path)
 	return bytes;
 }
 
-int ib_in_child_at(int dirfd, int (*fn)(void *arg), void *arg, const char *what)
+int ib_in_child_at(int dirfd, int keep_fd, int (*fn)(void *arg), void *arg, const char *what)
 {
 	int pipefd[2], err = 0, ws = 0;
 	char msg[IB_ERROR_MAX];
@@ -723,7 +723,12 @@ int ib_in_child_at(int dirfd, int (*fn)(void *arg), void *arg, const char *what)
 	}
 	if (pid == 0) {
 		close(pipefd[0]);
-		err = fchdir(dirfd) < 0 ? ib_error_set_errno(errno, "cannot enter the directory for %s", what) : fn(arg);
+		if (fchdir(dirfd) < 0) {
+			err = ib_error_set_errno(errno, "cannot enter the directory for %s", what);
+		} else {
+			ib_close_fds_except(pipefd[1], keep_fd);
+			err = fn(arg);
+		}
 		if (err)
 			ib_write_all(pipefd[1], ib_error_last(), strlen(ib_error_last()));
 		_exit(err ? 1 : 0);

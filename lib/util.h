@@ -74,9 +74,11 @@ int ib_open_beneath(int rootfd, const char *rel, int flags);
  * fn(arg) in a child process whose working directory is dirfd (an
  * unpacker that works with relative paths, where libarchive's guards
  * hold): its result, with the child's error message; what names the
- * work when the child dies without one.
+ * work when the child dies without one.  The child keeps no descriptor
+ * but 0-2 and keep_fd (-1: none): not another thread's locks, sockets or
+ * stream ends.
  */
-int ib_in_child_at(int dirfd, int (*fn)(void *arg), void *arg, const char *what);
+int ib_in_child_at(int dirfd, int keep_fd, int (*fn)(void *arg), void *arg, const char *what);
 
 /* Read a whole file (at most max bytes, else error); *out is NUL-terminated. */
 int ib_read_file(char **out, size_t *out_len, const char *path, size_t max);
