@@ -98,6 +98,37 @@ static int enable(const char *dir, const char *want)
 	return err;
 }
 
+static void empty_group(const char *dir);
+
+/*
+ * The groups of builds whose process is gone (kill -9, a crash) under
+ * parent: b-<pid>-..., the pid dead.  What is left in one is killed, and
+ * the group removed.
+ */
+static void sweep(const char *parent)
+{
+	DIR *d = opendir(parent);
+	struct dirent *e;
+
+	if (!d)
+		return;
+	while ((e = readdir(d))) {
+		char *end, *dir;
+		long pid;
+
+		if (strncmp(e->d_name, "b-", 2))
+			continue;
+		pid = strtol(e->d_name + 2, &end, 10);
+		if (end == e->d_name + 2 || *end != '-' || pid <= 0 || (kill((pid_t)pid, 0) == 0 || errno != ESRCH))
+			continue;
+		dir = ib_xasprintf("%s/%s", parent, e->d_name);
+		empty_group(dir);
+		rmdir(dir);
+		free(dir);
+	}
+	closedir(d);
+}
+
 static int create_v2(ib_cgroup *cg, const char *name, const ib_limits *lim)
 {
 	char *parent = ib_xasprintf("%s/%s", CGROUP_ROOT, PARENT), *dir = NULL, val[64];
@@ -112,6 +143,7 @@ static int create_v2(ib_cgroup *cg, const char *name, const ib_limits *lim)
 		ib_error_prefix("cannot enable the memory, pids and cpu controllers for '%s'", parent);
 		goto out;
 	}
+	sweep(parent);
 	dir = ib_xasprintf("%s/%s", parent, name);
 	if (mkdir(dir, 0755) < 0) {
 		err = ib_error_set_errno(errno, "cannot create the cgroup '%s'", dir);
@@ -204,6 +236,7 @@ static int v1_group(ib_cgroup *cg, size_t slot, const char *controller, const ch
 		free(parent);
 		return err;
 	}
+	sweep(parent);
 	dir = ib_xasprintf("%s/%s", parent, name);
 	free(parent);
 	if (mkdir(dir, 0755) < 0) {

@@ -30,6 +30,43 @@ static char *tag_of(const char *key)
 	return ib_xasprintf("layer-%s", key);
 }
 
+/*
+ * What the remote is known to have (pushed, or seen there), for this
+ * process: a cached build asks the registry nothing again (serve answers
+ * every cached BuildImage so) for MEMO_TTL seconds, after which a
+ * registry that lost a tag gets it back.  Keys are "URL tag".
+ */
+#define MEMO_TTL 600.0
+#define MEMO_MAX 65536
+static pthread_mutex_t memo_mu = PTHREAD_MUTEX_INITIALIZER;
+static json_t *memo;
+
+static bool memo_has(ib_remote *r, const char *tag)
+{
+	char *k = ib_xasprintf("%s %s", ib_remote_url(r), tag);
+	bool has;
+
+	pthread_mutex_lock(&memo_mu);
+	has = memo && ib_now() - json_real_value(json_object_get(memo, k)) < MEMO_TTL;
+	pthread_mutex_unlock(&memo_mu);
+	free(k);
+	return has;
+}
+
+static void memo_add(ib_remote *r, const char *tag)
+{
+	char *k = ib_xasprintf("%s %s", ib_remote_url(r), tag);
+
+	pthread_mutex_lock(&memo_mu);
+	if (!memo)
+		memo = json_object();
+	if (json_object_size(memo) >= MEMO_MAX)
+		json_object_clear(memo);
+	json_object_set_new(memo, k, json_real(ib_now()));
+	pthread_mutex_unlock(&memo_mu);
+	free(k);
+}
+
 static const char *annotation(json_t *m, const char *name)
 {
 	char *k = ib_xasprintf(ANN "%s", name);
@@ -43,8 +80,10 @@ int ib_share_layer_exists(ib_remote *r, const char *key)
 {
 	char *tag = tag_of(key);
 	json_t *m = NULL;
-	int err = ib_remote_manifest_get(r, tag, &m);
+	int err = memo_has(r, tag) ? 1 : ib_remote_manifest_get(r, tag, &m);
 
+	if (err > 0)
+		memo_add(r, tag);
 	json_decref(m);
 	free(tag);
 	return err;
@@ -223,10 +262,12 @@ int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 	char digest[IB_SHA256_HEX], tree[IB_SHA256_HEX], version[16];
 	json_t *m = NULL;
 	uint64_t size;
-	int err, lockfd = -1;
+	int err = 0, lockfd = -1;
 
 	/* one manifest per key: there already, nothing to do */
-	if ((err = ib_remote_manifest_get(r, tag, &m)) != 0) {
+	if (memo_has(r, tag) || (err = ib_remote_manifest_get(r, tag, &m)) != 0) {
+		if (err >= 0)
+			memo_add(r, tag);
 		err = err < 0 ? err : 0;
 		goto out;
 	}
@@ -254,6 +295,8 @@ int ib_share_push(ib_remote *r, ib_cache *cache, const ib_share_layer *l, const 
 			   json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", ANN "key", l->key, ANN "parent", l->parent,
 				     ANN "kind", l->kind, ANN "step", l->step ? l->step : "", ANN "tree_digest", tree,
 				     ANN "tree_digest_version", version));
+	if (err > 0)
+		memo_add(r, tag);
 out:
 	if (err < 0)
 		ib_error_prefix("pushing layer %.12s to %s", l->key, ib_remote_url(r));
@@ -292,9 +335,11 @@ int ib_share_image_push(ib_remote *r, ib_cache *cache, const char *image_id)
 	ib_artifact_info zst = { 0 }, bmap = { 0 };
 	ib_image_info info = { 0 };
 	json_t *m = NULL, *layers = json_array();
-	int err;
+	int err = 0;
 
-	if ((err = ib_remote_manifest_get(r, tag, &m)) != 0) {
+	if (memo_has(r, tag) || (err = ib_remote_manifest_get(r, tag, &m)) != 0) {
+		if (err >= 0)
+			memo_add(r, tag);
 		err = err < 0 ? err : 0;
 		goto out;
 	}
@@ -315,6 +360,8 @@ int ib_share_image_push(ib_remote *r, ib_cache *cache, const char *image_id)
 			   json_pack("{s:s, s:s, s:s, s:s, s:s}", IMG "id", image_id, IMG "ext4_sha256", sha,
 				     IMG "ext4_bytes", bytes, IMG "arch", info.arch, IMG "base",
 				     info.meta && info.meta->base ? info.meta->base : ""));
+	if (err > 0)
+		memo_add(r, tag);
 out:
 	if (err < 0)
 		ib_error_prefix("pushing image %.12s to %s", image_id, ib_remote_url(r));

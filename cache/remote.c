@@ -493,9 +493,7 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 		if (!strncasecmp(r->base, "https://", 8))
 			curl_easy_setopt(c, CURLOPT_REDIR_PROTOCOLS_STR, "https");
 	}
-	if (!strcmp(h->method, "GET")) {
-		/* nothing more to set */
-	} else if (!strcmp(h->method, "HEAD")) {
+	if (!strcmp(h->method, "HEAD")) {
 		curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
 	} else if (!strcmp(h->method, "PUT") || !strcmp(h->method, "PATCH")) {
 		curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
@@ -506,7 +504,7 @@ static int perform(ib_remote *r, hreq *h, const char *authorization)
 		curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE,
 				 (curl_off_t)(h->body_fd >= 0 ? h->body_size : h->body_len));
 		h->body_off = 0;
-	} else {
+	} else if (strcmp(h->method, "GET")) {
 		curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, h->method);
 		curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, 0L);
 		curl_easy_setopt(c, CURLOPT_POSTFIELDS, "");

@@ -1,6 +1,8 @@
 # Resource limits (build --memory/--pids/--disk; walks; time):
 #   memory   a step that allocates past --memory fails, and says so
 #   pids     a fork bomb stops at --pids processes
+#   stale    cgroups a killed builder left behind are removed, and what was
+#            left in them killed, by the next build with limits
 #   disk     writing past --disk fails naming the limit, in one step or
 #            over several (what the build wrote stays counted); a path
 #            longer than PATH_MAX fails naming IB_TREE_PATH_MAX
@@ -26,6 +28,29 @@ rc=$?
 if [ "$rc" = 0 ]; then bad="$bad memory=allocated-512MiB-under-128M"
 elif ! grep -q 'memory limit (--memory 128 MiB)' "$T/mem.log"; then bad="$bad memory=message($(tail -1 "$T/mem.log"))"; fi
 
+# the groups a kill -9 left behind (their builder's pid gone, a process still
+# in one): the next build with limits removes them, and kills what was left
+# (the parents this shell's builds use: cgroup v2's, or the memory and pids
+# hierarchies' under this process's own v1 groups)
+stale=""
+if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+	parents=/sys/fs/cgroup/imagebuilder
+else
+	parents=""
+	for ctl in memory pids; do
+		own=$(awk -F: -v c="$ctl" '{ n = split($2, a, ","); for (i = 1; i <= n; i++) if (a[i] == c) print $3 }' /proc/self/cgroup)
+		parents="$parents /sys/fs/cgroup/$ctl${own%/}/imagebuilder"
+	done
+fi
+for parent in $parents; do
+	[ -d "$parent" ] && mkdir "$parent/b-4194305-1-stale$$" && stale="$stale $parent/b-4194305-1-stale$$"
+done
+[ -n "$stale" ] || bad="$bad stale=no-imagebuilder-cgroup-after-a-build"
+sleep 1000 &
+orphan=$!
+CLEANUP="$CLEANUP $orphan"
+set -- $stale
+echo "$orphan" > "$1/cgroup.procs" || bad="$bad stale=cannot-move-a-process"
 spec1 "perl -e 'my @k; for (1 .. 200) { my \$p = fork; last unless defined \$p; if (!\$p) { sleep 60; exit 0 } push @k, \$p } opendir my \$d, q(/proc); open my \$o, q(>), q(/procs); print \$o scalar(grep { /^[0-9]+\$/ } readdir \$d), qq(\n); kill 9, @k' # $$" > "$T/pids.json"
 "$IB" build --cache-dir "$C" --pids 64 -o "$T/pids.ext4" "$T/pids.json" >/dev/null 2>"$T/pids.log" ||
 	bad="$bad pids=build-failed($(tail -1 "$T/pids.log"))"
@@ -35,6 +60,10 @@ spec1 "perl -e 'for (1 .. 200) { fork // exit 3; }' # $$" > "$T/pids2.json"
 grep -q "process limit (--pids 64)" "$T/pids2.log" || bad="$bad pids=message($(tail -1 "$T/pids2.log"))"
 procs=$(img_cat "$T/pids.ext4" /procs 2>/dev/null)
 [ -n "$procs" ] && [ "$procs" -le 64 ] || bad="$bad pids=$procs-processes-under-64"
+
+for g in $stale; do [ ! -d "$g" ] || bad="$bad stale=$g-left"; done
+# (killed, it is a zombie of this shell until waited for)
+case $(awk '{ print $3 }' "/proc/$orphan/stat" 2>/dev/null) in ''|Z) ;; *) bad="$bad stale=process-left-alive" ;; esac
 
 spec1 "dd if=/dev/zero of=/big bs=1M count=400 # $$" > "$T/disk.json"
 "$IB" build --cache-dir "$C" --disk 256M "$T/disk.json" >/dev/null 2>"$T/disk.log"
@@ -97,5 +126,5 @@ secs=$(( $(date +%s) - t0 ))
 [ "$secs" -lt 15 ] || bad="$bad sparse=$secs-seconds"
 cache_sound "$C"
 [ -z "$bad" ] || fail "limits that did not hold:$bad"
-ok "memory, pids and disk limits hold and name themselves; a 300-deep tree fails naming the limit" \
+ok "memory, pids and disk limits hold and name themselves; stale cgroups swept; a 300-deep tree fails naming the limit" \
 	"(CLI and daemon); a 16 GiB sparse file: build over in ${secs}s with --timeout 5, cancelled in ${csecs}s"
