@@ -72,9 +72,9 @@ SANDBOX_BIN = $(BUILD)/ib-sandbox
 
 all: $(BUILD)/imagebuilder $(INIT_BINS) $(SANDBOX_BIN)
 
-$(BUILD)/ib-init-%: init/ib-init.c lib/rtnl.c lib/rtnl.h lib/banned.h
+$(BUILD)/ib-init-%: init/ib-init.c init/agent.c init/ib-init.h builder/vm-proto.h builder/sandbox-dev.h lib/rtnl.c lib/rtnl.h lib/banned.h
 	@mkdir -p $(dir $@)
-	$(call init_cc,$*) $(INIT_CFLAGS) -I. -o $@ init/ib-init.c lib/rtnl.c
+	$(call init_cc,$*) $(INIT_CFLAGS) -I. -o $@ init/ib-init.c init/agent.c lib/rtnl.c
 
 $(SANDBOX_BIN): init/ib-sandbox.c builder/sandbox-proto.h lib/banned.h
 	@mkdir -p $(dir $@)
@@ -147,8 +147,8 @@ analyze: $(GEN)/.stamp
 fresh-check:
 	@scripts/fresh-check.sh
 
-# BENCH=run|sandbox|arm64|serve-bench|remote picks one; all by default.
-BENCH ?= run sandbox arm64 serve-bench remote
+# BENCH=run|sandbox|arm64|serve-bench|remote|vm picks one; all by default.
+BENCH ?= run sandbox arm64 serve-bench remote vm
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@for b in $(BENCH); do echo "== bench/$$b.sh"; bench/$$b.sh $(BUILD) || exit 1; done

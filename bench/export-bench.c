@@ -18,7 +18,7 @@
 
 int main(int argc, char **argv)
 {
-	ib_export_opts opts = { BENCH_IMAGE_ID, BENCH_EPOCH };
+	ib_export_opts opts = { .image_id = BENCH_IMAGE_ID, .epoch = BENCH_EPOCH };
 	uint64_t bytes = 0;
 	int tar = 0, i = 1, err;
 	double t0;

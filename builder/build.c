@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include "builder/apt.h"
@@ -253,6 +254,9 @@ struct run_ctx {
 	int *held;         /* per layer: its lock, held shared while the build uses it, or -1 */
 	struct pending pending;
 	ib_remote *remote; /* --remote: layers pulled before they are built, pushed after; NULL: none */
+	const ib_runner_ops *runner;  /* where the steps run */
+	ib_runner_session *session;   /* what the runner keeps across the build's steps (its VM) */
+	char *vm_init;     /* the VM runner's guest agent */
 };
 
 /* Where layer i's tree is: in the store, or still in its scratch dir while pending. */
@@ -420,8 +424,9 @@ static int run_step(struct run_ctx *rc, size_t index, const char *upper, const c
 		.cancel = rc->opts->cancel,
 		.output = step_output,
 		.output_arg = rc->prog,
+		.session = &rc->session,
 	};
-	err = (rc->opts->runner ? rc->opts->runner : &ib_runner_namespace)->run(&req);
+	err = rc->runner->run(&req);
 	if (err == IB_ERROR && ib_cgroup_oom(&rc->cgroup)) {
 		char size[32], *msg = ib_xstrdup(ib_error_last());
 		ib_format_size(size, rc->limits.memory);
@@ -476,6 +481,15 @@ static int build_python(struct run_ctx *rc, size_t index, const char *upper, con
 		goto out;
 	if ((err = ib_python_unpack(archive, upper)) < 0)
 		goto out;
+	if (rc->runner == &ib_runner_vm) {
+		/* the VM starts a step from an empty upper: this one's pip runs in namespaces */
+		const ib_runner_ops *runner = rc->runner;
+		emit(rc->prog, "vm: the python layer's pip runs in the namespace runner\n");
+		rc->runner = &ib_runner_namespace;
+		err = run_step(rc, index, upper, scratch, &ib_step_pip_install, pkgs);
+		rc->runner = runner;
+		goto out;
+	}
 	err = run_step(rc, index, upper, scratch, &ib_step_pip_install, pkgs);
 out:
 	json_decref(pkgs);
@@ -839,6 +853,17 @@ static int prepare(struct run_ctx *rc, char **scratch, int *tmplock)
 		if ((err = ib_cgroup_create(&rc->cgroup, name, &rc->limits)) < 0)
 			return err;
 	}
+	rc->runner = rc->opts->runner ? rc->opts->runner : ib_runner_of(rc->cfg->runner);
+	if (rc->runner == &ib_runner_vm && !ib_vm_runs(rc->plan->arch)) {
+		emit(rc->prog, "vm: no VM for %s on this host: its steps run in the namespace runner (qemu-user)\n",
+		     rc->plan->arch);
+		rc->runner = &ib_runner_namespace;
+	}
+	if (rc->runner == &ib_runner_vm) {
+		struct utsname u;
+		if (uname(&u) == 0)
+			rc->vm_init = ib_export_find_init(rc->cfg, u.machine);
+	}
 	rc->sandbox = (ib_sandbox_cfg){
 		.uid = rc->cfg->idmap_uid,
 		.gid = rc->cfg->idmap_gid,
@@ -846,6 +871,13 @@ static int prepare(struct run_ctx *rc, char **scratch, int *tmplock)
 		.ports = rc->ports,
 		.nports = index_ports(rc->cfg->pip_index_url, rc->ports),
 		.cgroups = (const char *const *)rc->cgroup.dirs,
+		.arch = rc->plan->arch,
+		.cache_dir = ib_cache_dir(rc->cache),
+		.vm_kernel = rc->cfg->vm_kernel,
+		.vm_init = rc->vm_init,
+		.vm_dir = *scratch,
+		.limits = &rc->limits,
+		.epoch = rc->plan->epoch,
 	};
 	if (rc->limits.disk && (err = ib_disk_open(&rc->disk, *scratch, rc->limits.disk)) < 0)
 		return err;
@@ -1095,6 +1127,9 @@ out:
 	}
 	ib_remote_close(rc.remote);
 	free(first_failure);
+	if (rc.runner && rc.runner->finish)
+		rc.runner->finish(rc.session);
+	free(rc.vm_init);
 	ib_cgroup_destroy(&rc.cgroup);
 	ib_apt_close(&rc.apt);
 	ib_disk_close(&rc.disk);

@@ -163,9 +163,26 @@ int ib_config_init(ib_config *cfg, const char *const *envp)
 		ib_config_clear(cfg);
 		return IB_EINVALID;
 	}
+	if ((v = env_get(envp, "IMAGEBUILDER_RUNNER")) && ib_runner_parse(&cfg->runner, v) < 0) {
+		ib_error_prefix("IMAGEBUILDER_RUNNER");
+		ib_config_clear(cfg);
+		return IB_EINVALID;
+	}
+	ib_config_set(&cfg->vm_kernel, env_get(envp, "IMAGEBUILDER_VM_KERNEL"));
 	if ((v = env_get(envp, "IMAGEBUILDER_BOOTSTRAP_IN_MEMORY")))
 		cfg->bootstrap_memory = !strcmp(v, "0") ? IB_BOOTSTRAP_DISK
 					: !strcmp(v, "1") ? IB_BOOTSTRAP_MEMORY : IB_BOOTSTRAP_AUTO;
+	return 0;
+}
+
+int ib_runner_parse(ib_runner_kind *out, const char *name)
+{
+	if (!strcmp(name, "namespace"))
+		*out = IB_RUNNER_NAMESPACE;
+	else if (!strcmp(name, "vm"))
+		*out = IB_RUNNER_VM;
+	else
+		return ib_error_set("unknown runner '%s' (namespace or vm)", name), IB_EINVALID;
 	return 0;
 }
 
@@ -277,5 +294,6 @@ void ib_config_clear(ib_config *cfg)
 	free(cfg->program_dir);
 	free(cfg->tmpdir);
 	free(cfg->crash_at);
+	free(cfg->vm_kernel);
 	*cfg = (ib_config)IB_CONFIG_INIT;
 }

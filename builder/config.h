@@ -12,6 +12,15 @@
 
 #define IB_CACHE_DIR_DEFAULT "/var/lib/imagebuilder"
 
+/* Where a build's steps run: namespaces on the host's kernel, or a throwaway VM. */
+typedef enum ib_runner_kind {
+	IB_RUNNER_NAMESPACE = 0,
+	IB_RUNNER_VM = 1,
+} ib_runner_kind;
+
+/* "namespace" or "vm" to *out; IB_EINVALID with a message otherwise. */
+int ib_runner_parse(ib_runner_kind *out, const char *name);
+
 typedef enum ib_bootstrap_memory {
 	IB_BOOTSTRAP_AUTO = -1, /* in memory when at least 4 GiB are available */
 	IB_BOOTSTRAP_DISK = 0,
@@ -48,6 +57,8 @@ typedef struct ib_config {
 	char *crash_at;         /* IMAGEBUILDER_CRASH_AT: a crash point to die at (tests); NULL: none */
 	char *remote;           /* IMAGEBUILDER_REMOTE or --remote: an OCI registry repository; NULL: none */
 	uint64_t remote_chunk;  /* IMAGEBUILDER_REMOTE_CHUNK_SIZE: blobs larger go up in chunks of it (0: whole) */
+	ib_runner_kind runner;  /* IMAGEBUILDER_RUNNER or --runner: where steps run */
+	char *vm_kernel;        /* IMAGEBUILDER_VM_KERNEL: the VM runner's kernel (.deb or image); NULL: Debian's cloud kernel */
 	/*
 	 * Root in a step's sandbox is host uid idmap_uid (gid idmap_gid),
 	 * IB_IDMAP_COUNT ids from there: IMAGEBUILDER_IDMAP=UID[:GID], else

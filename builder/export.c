@@ -56,8 +56,7 @@ static void env_line(ib_buf *out, const char *k, const char *v)
 	ib_buf_puts(out, "\"\n");
 }
 
-/* The static init for machine: beside the program, or installed. */
-static char *find_init(const ib_config *cfg, const char *machine)
+char *ib_export_find_init(const ib_config *cfg, const char *machine)
 {
 	char *path;
 
@@ -105,7 +104,7 @@ static int plan_init(char **out_rel, char **out_src, char sha[IB_SHA256_HEX], co
 	ib_overlay_entry_clear(&e);
 	if (r != 0)
 		return r < 0 ? r : 0;
-	*out_src = find_init(cfg, machine);
+	*out_src = ib_export_find_init(cfg, machine);
 	if (!*out_src)
 		return ib_error_set("no init for %s beside the program or in /usr/lib/imagebuilder (make builds "
 				    "build/ib-init-%s)", machine, machine);
@@ -148,7 +147,7 @@ bool ib_export_init_stale(const ib_config *cfg, const ib_image_meta *meta)
 
 	if (!meta->init || strncmp(meta->init, "imagebuilder:", 13))
 		return false;
-	src = find_init(cfg, meta->machine);
+	src = ib_export_find_init(cfg, meta->machine);
 	if (src && ib_sha256_file(sha, src) < 0)
 		sha[0] = '\0';
 	free(src);

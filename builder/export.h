@@ -31,6 +31,9 @@ ib_image_meta *ib_export_meta_of_plan(const ib_plan *plan);
 int ib_export_image(ib_cache *cache, const ib_config *cfg, const ib_image_info *img, const char *out_path,
 		    bool tar, ib_image_meta **out_meta);
 
+/* The static init for machine (x86_64, aarch64): beside the program, or installed; NULL when neither. */
+char *ib_export_find_init(const ib_config *cfg, const char *machine);
+
 /* Was the cached image exported with an init other than the one this program installs? */
 bool ib_export_init_stale(const ib_config *cfg, const ib_image_meta *meta);
 

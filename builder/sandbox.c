@@ -53,6 +53,7 @@
 #include <unistd.h>
 
 #include "builder/netns.h"
+#include "builder/sandbox-dev.h"
 #include "builder/sandbox-proto.h"
 #include "builder/seccomp.h"
 #include "lib/util.h"
@@ -378,48 +379,34 @@ static bool is_in(const char *rel, mode_t type)
 
 static int setup_dev(struct sandbox *sb)
 {
-	static const struct {
-		const char *name;
-		unsigned maj, min;
-	} nodes[] = {
-		{ "null", 1, 3 }, { "zero", 1, 5 }, { "full", 1, 7 },
-		{ "random", 1, 8 }, { "urandom", 1, 9 }, { "tty", 5, 0 },
-	};
-	static const struct {
-		const char *name, *target;
-	} links[] = {
-		{ "fd", "/proc/self/fd" }, { "stdin", "/proc/self/fd/0" },
-		{ "stdout", "/proc/self/fd/1" }, { "stderr", "/proc/self/fd/2" },
-		{ "ptmx", "pts/ptmx" },
-	};
 	char path[64];
 
 	if (!is_in("dev", S_IFDIR)) {
 		report_setup(sb, 0, "the image has no /dev directory");
 		return -1;
 	}
-	if (mount_at(sb, "tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=65536k") < 0)
+	if (mount_at(sb, "tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NOEXEC, IB_DEV_TMPFS_OPTS) < 0)
 		return -1;
-	for (size_t i = 0; i < sizeof(nodes) / sizeof(nodes[0]); i++) {
-		snprintf(path, sizeof(path), "merged/dev/%s", nodes[i].name);
-		if (mknod(path, S_IFCHR | 0666, makedev(nodes[i].maj, nodes[i].min)) < 0) {
-			report_setup(sb, errno, "cannot create /dev/%s in the sandbox", nodes[i].name);
+	for (size_t i = 0; i < sizeof(ib_dev_nodes) / sizeof(ib_dev_nodes[0]); i++) {
+		snprintf(path, sizeof(path), "merged/dev/%s", ib_dev_nodes[i].name);
+		if (mknod(path, S_IFCHR | 0666, makedev(ib_dev_nodes[i].maj, ib_dev_nodes[i].min)) < 0) {
+			report_setup(sb, errno, "cannot create /dev/%s in the sandbox", ib_dev_nodes[i].name);
 			return -1;
 		}
 	}
-	for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++) {
-		snprintf(path, sizeof(path), "merged/dev/%s", links[i].name);
-		if (symlink(links[i].target, path) < 0) {
-			report_setup(sb, errno, "cannot create /dev/%s in the sandbox", links[i].name);
+	for (size_t i = 0; i < sizeof(ib_dev_links) / sizeof(ib_dev_links[0]); i++) {
+		snprintf(path, sizeof(path), "merged/dev/%s", ib_dev_links[i].name);
+		if (symlink(ib_dev_links[i].target, path) < 0) {
+			report_setup(sb, errno, "cannot create /dev/%s in the sandbox", ib_dev_links[i].name);
 			return -1;
 		}
 	}
 	mkdir("merged/dev/pts", 0755);
 	mkdir("merged/dev/shm", 01777);
 	if (mount_at(sb, "devpts", "dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
-		     "newinstance,ptmxmode=0666,mode=0620") < 0)
+		     IB_DEV_PTS_OPTS) < 0)
 		return -1;
-	if (mount_at(sb, "shm", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=65536k") < 0)
+	if (mount_at(sb, "shm", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, IB_DEV_SHM_OPTS) < 0)
 		return -1;
 	return 0;
 }
@@ -642,27 +629,7 @@ static void __attribute__((noreturn)) sandbox_outer(struct sandbox *sb, pid_t bu
 
 static int describe_failure(const ib_run_req *req, const struct ib_sandbox_status *st)
 {
-	const ib_strv *cmd;
-	ib_buf b = IB_BUF_INIT;
-
-	if (st->cmd < 0 || (size_t)st->cmd >= req->plan->ncmds)
-		return ib_error_set("the sandbox reported a command it was not given (%d)", st->cmd);
-	cmd = &req->plan->cmds[st->cmd];
-	for (size_t i = 0; i < cmd->n; i++) {
-		if (i)
-			ib_buf_puts(&b, " ");
-		ib_buf_puts(&b, cmd->v[i]);
-	}
-	if (b.len > 200) {
-		b.len = 197;
-		ib_buf_puts(&b, "...");
-	}
-	if (WIFEXITED(st->wstatus))
-		ib_error_set("command '%s' exited with status %d", b.ptr, WEXITSTATUS(st->wstatus));
-	else
-		ib_error_set("command '%s' was killed by signal %d", b.ptr, WTERMSIG(st->wstatus));
-	ib_buf_free(&b);
-	return IB_ERROR;
+	return ib_runner_failed(req->plan, st->cmd, st->wstatus);
 }
 
 struct run_state {

@@ -30,7 +30,7 @@ void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int cli_usage(const char *usage);
 
 /*
- * --memory SIZE, --pids N, --cpus N, --disk SIZE and --remote URL (build,
+ * --memory SIZE, --pids N, --cpus N, --disk SIZE, --remote URL and --runner KIND (build,
  * warm, serve): the entries for a getopt_long table, and their handling:
  * 1 handled, 0 not one of them, EXIT_USAGE-worthy -1 (reported).
  */
@@ -39,9 +39,10 @@ int cli_usage(const char *usage);
 	{ "pids", required_argument, NULL, CLI_OPT_PIDS },         \
 	{ "cpus", required_argument, NULL, CLI_OPT_CPUS },         \
 	{ "disk", required_argument, NULL, CLI_OPT_DISK },         \
-	{ "remote", required_argument, NULL, CLI_OPT_REMOTE }
-#define CLI_LIMIT_USAGE "[--memory SIZE] [--pids N] [--cpus N] [--disk SIZE] [--remote URL]"
-enum { CLI_OPT_MEMORY = 0x1000, CLI_OPT_PIDS, CLI_OPT_CPUS, CLI_OPT_DISK, CLI_OPT_REMOTE };
+	{ "remote", required_argument, NULL, CLI_OPT_REMOTE },     \
+	{ "runner", required_argument, NULL, CLI_OPT_RUNNER }
+#define CLI_LIMIT_USAGE "[--memory SIZE] [--pids N] [--cpus N] [--disk SIZE] [--remote URL] [--runner namespace|vm]"
+enum { CLI_OPT_MEMORY = 0x1000, CLI_OPT_PIDS, CLI_OPT_CPUS, CLI_OPT_DISK, CLI_OPT_REMOTE, CLI_OPT_RUNNER };
 int cli_limit_option(int c, const char *arg, ib_config *cfg);
 
 /* Open cfg's cache dir (reporting failure). */

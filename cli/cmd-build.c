@@ -124,7 +124,7 @@ int cmd_build(int argc, char **argv, ib_config *cfg)
 		default:
 			if (cli_limit_option(c, optarg, cfg) > 0)
 				break;
-			return c >= CLI_OPT_MEMORY && c <= CLI_OPT_REMOTE ? EXIT_USAGE : cli_usage(build_usage);
+			return c >= CLI_OPT_MEMORY && c <= CLI_OPT_RUNNER ? EXIT_USAGE : cli_usage(build_usage);
 		}
 	}
 	if (optind != argc - 1)

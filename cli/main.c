@@ -64,6 +64,13 @@ int cli_limit_option(int c, const char *arg, ib_config *cfg)
 		ib_config_set(&cfg->remote, arg);
 		return 1;
 	}
+	if (c == CLI_OPT_RUNNER) {
+		if (ib_runner_parse(&cfg->runner, arg) < 0) {
+			cli_error("--runner: %s", ib_error_last());
+			return -1;
+		}
+		return 1;
+	}
 	if (c < CLI_OPT_MEMORY || c > CLI_OPT_DISK)
 		return 0;
 	if (ib_limits_set(&cfg->limits, names[c - CLI_OPT_MEMORY], arg) < 0) {

@@ -39,6 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "init/ib-init.h"
 #include "lib/rtnl.h"
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -48,7 +49,7 @@
 /* how long what is left running gets to exit on SIGTERM, in 50 ms ticks */
 #define STOP_TICKS 40
 
-static void __attribute__((format(printf, 2, 3))) say(int errnum, const char *fmt, ...)
+void say(int errnum, const char *fmt, ...)
 {
 	char line[512];
 	va_list ap;
@@ -70,7 +71,7 @@ static void __attribute__((format(printf, 2, 3))) say(int errnum, const char *fm
 		return;
 }
 
-static void mount_one(const char *src, const char *dir, const char *type, unsigned long flags, const char *data)
+void mount_one(const char *src, const char *dir, const char *type, unsigned long flags, const char *data)
 {
 	mkdir(dir, 0755);
 	if (mount(src, dir, type, flags, data) < 0 && errno != EBUSY)
@@ -91,7 +92,7 @@ static void setup_console(void)
 		close(fd);
 }
 
-static void loopback_up(void)
+void loopback_up(void)
 {
 	struct ifreq ifr;
 	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -113,7 +114,7 @@ static void loopback_up(void)
  * frees; returns its length, or -1 (nothing allocated) when it cannot be
  * read.  /proc files report size 0, so the size is only a first guess.
  */
-static ssize_t read_file(char **out, const char *path, size_t max)
+ssize_t read_file(char **out, const char *path, size_t max)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	struct stat st;
@@ -193,6 +194,8 @@ struct cmdline {
 	char *exec;     /* ib.exec= */
 	char *hostname; /* ib.hostname= */
 	char *ip;       /* ip= */
+	char *agent;    /* ib.agent=: "1" makes this the VM runner's guest agent */
+	char *ports;    /* ib.ports=: the agent's relays to the package indexes */
 };
 
 /* Words are separated by white space; the last of a name wins, as the kernel's own parameters do. */
@@ -205,6 +208,8 @@ static void read_cmdline(struct cmdline *c)
 		{ "ib.exec=", offsetof(struct cmdline, exec) },
 		{ "ib.hostname=", offsetof(struct cmdline, hostname) },
 		{ "ip=", offsetof(struct cmdline, ip) },
+		{ "ib.agent=", offsetof(struct cmdline, agent) },
+		{ "ib.ports=", offsetof(struct cmdline, ports) },
 	};
 	char *cmdline = NULL, *p;
 
@@ -389,7 +394,7 @@ static void field(char *out, size_t size, const char *s, int n)
  * hostname field, address the address once it is configured.  DHCP is not
  * done here.
  */
-static void configure_ip(const char *ip, char hostname[65], char address[64])
+void configure_ip(const char *ip, char hostname[65], char address[64])
 {
 	char client[64], gw[64], mask[64], dev[IF_NAMESIZE + 1], autoconf[16], dns[2][64];
 	struct in_addr addr, gateway;
@@ -580,6 +585,8 @@ int main(int argc, char **argv)
 	mount_one("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
 	loopback_up();
 	read_cmdline(&cmd);
+	if (cmd.agent && !strcmp(cmd.agent, "1"))
+		agent_main(cmd.ip, cmd.ports);
 	machine_id();
 	ssh_host_keys();
 	if (cmd.ip)

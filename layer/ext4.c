@@ -54,6 +54,7 @@
 #include <ext2fs/ext3_extents.h>
 
 #include "lib/error.h"
+#include "layer/ext2fs-err.h"
 #include "layer/layerfs.h"
 #include "lib/util.h"
 
@@ -172,9 +173,12 @@ static void error_table_init(void)
 	initialize_ext2_error_table();
 }
 
-static int fs_error(errcode_t code, const char *fmt, ...) IB_PRINTF(2, 3);
+void ib_ext2fs_init(void)
+{
+	pthread_once(&error_table_once, error_table_init);
+}
 
-static int fs_error(errcode_t code, const char *fmt, ...)
+int ib_ext2fs_error(errcode_t code, const char *fmt, ...)
 {
 	char msg[1024];
 	va_list ap;
@@ -345,12 +349,12 @@ static int fs_layout(ext2_filsys *out, int fd, blk64_t blocks, uint64_t inodes)
 	/* From here on the channel owns iofd, and closes it even on failure. */
 	code = ext2fs_initialize(name, EXT2_FLAG_64BITS, &param, unixfd_io_manager, &fs);
 	if (code || !fs)
-		return fs_error(code, "cannot lay out an ext4 file system of %llu blocks",
+		return ib_ext2fs_error(code, "cannot lay out an ext4 file system of %llu blocks",
 				(unsigned long long)blocks);
 	code = ext2fs_allocate_tables(fs);
 	if (code) {
 		ext2fs_free(fs);
-		return fs_error(code, "cannot allocate the ext4 group tables");
+		return ib_ext2fs_error(code, "cannot allocate the ext4 group tables");
 	}
 	*out = fs;
 	return 0;
@@ -621,7 +625,7 @@ static int write_inode(struct writer *w, ext2_ino_t ino, union inode_buf *ib, co
 	errcode_t code = ext2fs_write_inode_full(w->fs, ino, (struct ext2_inode *)ib, INODE_SIZE);
 
 	if (code)
-		return fs_error(code, "cannot write the inode of '%s'", shown(path));
+		return ib_ext2fs_error(code, "cannot write the inode of '%s'", shown(path));
 	return 0;
 }
 
@@ -672,7 +676,7 @@ static int set_extents(struct writer *w, ext2_ino_t ino, union inode_buf *ib, co
 	if (h)
 		ext2fs_extent_free(h);
 	if (code)
-		return fs_error(code, "cannot build the extent tree of '%s'", shown(path));
+		return ib_ext2fs_error(code, "cannot build the extent tree of '%s'", shown(path));
 	return 0;
 }
 
@@ -785,7 +789,7 @@ static int write_regular(struct writer *w, const ib_layerfs_entry *e, ext2_ino_t
 	if (!code)
 		code = ext2fs_iblk_set(w->fs, (struct ext2_inode *)&ib->in, run_blocks(w));
 	if (code)
-		return fs_error(code, "cannot set the size of '%s'", e->path);
+		return ib_ext2fs_error(code, "cannot set the size of '%s'", e->path);
 	err = set_extents(w, ino, ib, e->path);
 	if (err)
 		return err;
@@ -854,7 +858,7 @@ static int write_xattrs(struct writer *w, ext2_ino_t ino, const ib_layerfs_entry
 	if (h)
 		ext2fs_xattrs_close(&h);
 	if (code)
-		return fs_error(code, "cannot store the xattrs of '%s'", shown(e->path));
+		return ib_ext2fs_error(code, "cannot store the xattrs of '%s'", shown(e->path));
 	return 0;
 }
 
@@ -982,7 +986,7 @@ static int build_dir(struct writer *w, struct wdir *d, const char *path, size_t 
 						 d->v[i].len, NULL, 0, fs->super->s_hash_seed,
 						 &d->v[i].hash, &d->v[i].minor);
 		if (code)
-			return fs_error(code, "cannot hash a name in '%s'", shown(path));
+			return ib_ext2fs_error(code, "cannot hash a name in '%s'", shown(path));
 	}
 	qsort(d->v, d->n, sizeof(*d->v), dent_hash_cmp);
 
@@ -1104,7 +1108,7 @@ static int write_dir(struct writer *w, struct wdir *d, const char *path, const s
 	if (!code)
 		code = ext2fs_iblk_set(fs, (struct ext2_inode *)&ib.in, nblk);
 	if (code) {
-		err = fs_error(code, "cannot size directory '%s'", shown(path));
+		err = ib_ext2fs_error(code, "cannot size directory '%s'", shown(path));
 		goto out;
 	}
 	err = set_extents(w, d->ino, &ib, path);
@@ -1116,7 +1120,7 @@ static int write_dir(struct writer *w, struct wdir *d, const char *path, const s
 			code = ext2fs_write_dir_block4(fs, w->runs[r].pblk + i, blocks + b * BLOCK_SIZE,
 						       0, d->ino);
 			if (code) {
-				err = fs_error(code, "cannot write directory '%s'", shown(path));
+				err = ib_ext2fs_error(code, "cannot write directory '%s'", shown(path));
 				break;
 			}
 		}
@@ -1249,7 +1253,7 @@ static int fix_link_counts(struct writer *w)
 						       INODE_SIZE);
 		}
 		if (code)
-			return fs_error(code, "cannot update the link count of inode %u", w->link_ino[id]);
+			return ib_ext2fs_error(code, "cannot update the link count of inode %u", w->link_ino[id]);
 	}
 	return 0;
 }
@@ -1275,28 +1279,28 @@ static int prepare_fs(struct writer *w, const ib_export_opts *opts)
 	code = ext2fs_count_used_clusters(fs, fs->super->s_first_data_block,
 					  ext2fs_blocks_count(fs->super) - 1, &overhead);
 	if (code)
-		return fs_error(code, "cannot count the ext4 metadata blocks");
+		return ib_ext2fs_error(code, "cannot count the ext4 metadata blocks");
 
 	/* Reserved inodes carry valid checksums, as mke2fs writes them. */
 	memset(&zero, 0, sizeof(zero));
 	for (ext2_ino_t ino = 1; ino < EXT2_FIRST_INO(fs->super); ino++) {
 		code = ext2fs_write_inode_full(fs, ino, (struct ext2_inode *)&zero, INODE_SIZE);
 		if (code)
-			return fs_error(code, "cannot write reserved inode %u", ino);
+			return ib_ext2fs_error(code, "cannot write reserved inode %u", ino);
 	}
 	for (ext2_ino_t ino = EXT2_ROOT_INO + 1; ino < EXT2_FIRST_INO(fs->super); ino++)
 		ext2fs_inode_alloc_stats2(fs, ino, +1, 0);
 	ext2fs_inode_alloc_stats2(fs, EXT2_BAD_INO, +1, 0);
 	code = ext2fs_update_bb_inode(fs, NULL);
 	if (code)
-		return fs_error(code, "cannot write the bad blocks inode");
+		return ib_ext2fs_error(code, "cannot write the bad blocks inode");
 
 	code = ext2fs_get_journal_params(&jp, fs);
 	if (!code)
 		code = ext2fs_add_journal_inode3(fs, &jp, ~0ULL,
 						 EXT2_MKJOURNAL_LAZYINIT | EXT2_MKJOURNAL_NO_MNT_CHECK);
 	if (code)
-		return fs_error(code, "cannot create the ext4 journal");
+		return ib_ext2fs_error(code, "cannot create the ext4 journal");
 	overhead += (blk64_t)jp.num_journal_blocks + jp.num_fc_blocks;
 	fs->super->s_overhead_clusters = (__u32)overhead;
 
@@ -1318,42 +1322,32 @@ static int check_opts(const ib_export_opts *opts)
 	return 0;
 }
 
-int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayers,
-		  const ib_export_opts *opts, uint64_t *out_bytes)
+/*
+ * Write the image into fd (empty), named what in messages; out_path, when
+ * given, is where the finished file is renamed (fd is then tmp's).
+ */
+static int write_image(int fd, const char *what, const char *const *layers, size_t nlayers,
+		       const ib_export_opts *opts, uint64_t *out_bytes, struct estimate *est)
 {
-	static const ib_layerfs_ops estimate_ops = { estimate_enter, estimate_leave };
 	static const ib_layerfs_ops writer_ops = { writer_enter, writer_leave };
-	struct estimate *est = NULL;
 	struct writer w;
-	char *tmp = NULL;
 	uint64_t bytes = 0;
 	errcode_t code;
-	int fd = -1, err;
+	int err;
 
 	memset(&w, 0, sizeof(w));
-	if (check_opts(opts))
-		return IB_EINVALID;
-	pthread_once(&error_table_once, error_table_init);
-	est = ib_xcalloc(1, sizeof(*est));
-
-	err = ib_layerfs_walk(layers, nlayers, &estimate_ops, est);
-	if (err)
-		goto out;
-	err = ib_output_open(out_path, &tmp, &fd);
-	if (err)
-		goto out;
 	err = choose_geometry(&w.fs, fd, est, opts->size);
 	if (err)
 		goto out;
 	bytes = ext2fs_blocks_count(w.fs->super) * BLOCK_SIZE;
 	if (ftruncate(fd, (off_t)bytes) < 0) {
-		err = ib_error_set_errno(errno, "cannot size '%s'", tmp);
+		err = ib_error_set_errno(errno, "cannot size '%s'", what);
 		goto out;
 	}
 
 	w.fd = fd;
 	w.epoch = opts->epoch;
-	w.create_lpf = !est->has_lpf;
+	w.create_lpf = !est->has_lpf && !opts->no_lost_found;
 	w.buf = ib_xmalloc(COPY_BUF_SIZE);
 	w.dirs = ib_xcalloc(IB_LAYERFS_DEPTH_MAX + 1, sizeof(*w.dirs));
 	err = prepare_fs(&w, opts);
@@ -1369,10 +1363,69 @@ int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayer
 	/* With a sync: a write error in libext2fs' cache shows up here, not lost at free. */
 	code = ext2fs_close2(w.fs, 0);
 	if (code) {
-		err = fs_error(code, "cannot write the ext4 metadata of '%s'", tmp);
+		err = ib_ext2fs_error(code, "cannot write the ext4 metadata of '%s'", what);
 		goto out;
 	}
 	w.fs = NULL;
+	if (out_bytes)
+		*out_bytes = bytes;
+out:
+	if (w.fs)
+		ext2fs_free(w.fs);
+	if (w.dirs)
+		for (size_t i = 0; i <= IB_LAYERFS_DEPTH_MAX; i++)
+			free(w.dirs[i].v);
+	free(w.dirs);
+	free(w.runs);
+	free(w.link_ino);
+	free(w.link_count);
+	free(w.buf);
+	return err;
+}
+
+int ib_ext4_write_fd(int fd, const char *what, const char *const *layers, size_t nlayers,
+		     const ib_export_opts *opts, uint64_t *out_bytes)
+{
+	static const ib_layerfs_ops estimate_ops = { estimate_enter, estimate_leave };
+	struct estimate *est;
+	int err;
+
+	if (check_opts(opts))
+		return IB_EINVALID;
+	ib_ext2fs_init();
+	if (ftruncate(fd, 0) < 0)
+		return ib_error_set_errno(errno, "cannot empty '%s'", what);
+	est = ib_xcalloc(1, sizeof(*est));
+	err = ib_layerfs_walk(layers, nlayers, &estimate_ops, est);
+	if (!err)
+		err = write_image(fd, what, layers, nlayers, opts, out_bytes, est);
+	free(est);
+	return err;
+}
+
+int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayers,
+		  const ib_export_opts *opts, uint64_t *out_bytes)
+{
+	static const ib_layerfs_ops estimate_ops = { estimate_enter, estimate_leave };
+	struct estimate *est = NULL;
+	char *tmp = NULL;
+	uint64_t bytes = 0;
+	int fd = -1, err;
+
+	if (check_opts(opts))
+		return IB_EINVALID;
+	ib_ext2fs_init();
+	est = ib_xcalloc(1, sizeof(*est));
+
+	err = ib_layerfs_walk(layers, nlayers, &estimate_ops, est);
+	if (err)
+		goto out;
+	err = ib_output_open(out_path, &tmp, &fd);
+	if (err)
+		goto out;
+	err = write_image(fd, tmp, layers, nlayers, opts, &bytes, est);
+	if (err)
+		goto out;
 	err = ib_output_commit(tmp, fd, out_path, 0644);
 	if (err)
 		goto out;
@@ -1381,22 +1434,12 @@ int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayer
 	if (out_bytes)
 		*out_bytes = bytes;
 out:
-	if (w.fs)
-		ext2fs_free(w.fs);
 	if (fd >= 0)
 		close(fd);
 	if (tmp) {
 		unlink(tmp);
 		free(tmp);
 	}
-	if (w.dirs)
-		for (size_t i = 0; i <= IB_LAYERFS_DEPTH_MAX; i++)
-			free(w.dirs[i].v);
-	free(w.dirs);
 	free(est);
-	free(w.runs);
-	free(w.link_ino);
-	free(w.link_count);
-	free(w.buf);
 	return err;
 }

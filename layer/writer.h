@@ -1,6 +1,7 @@
 #ifndef IB_WRITER_H
 #define IB_WRITER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +20,8 @@ typedef struct ib_export_opts {
 	 * made before disk_size).
 	 */
 	uint64_t size;
+	/* no /lost+found made when the layers have none (a VM's view of the layers, not an image) */
+	bool no_lost_found;
 } ib_export_opts;
 
 /*
@@ -31,6 +34,14 @@ typedef struct ib_export_opts {
  */
 int ib_ext4_write(const char *out_path, const char *const *layers, size_t nlayers,
 		  const ib_export_opts *opts, uint64_t *out_bytes);
+
+/*
+ * The same, into the open file fd (emptied first, then sized), in place:
+ * for a file another program holds open, such as a VM's disk.  what names
+ * it in messages.
+ */
+int ib_ext4_write_fd(int fd, const char *what, const char *const *layers, size_t nlayers,
+		     const ib_export_opts *opts, uint64_t *out_bytes);
 
 /* Write the merged tree as a tar (pax, sorted, numeric owners, clamped times). */
 int ib_tar_write(const char *out_path, const char *const *layers, size_t nlayers,

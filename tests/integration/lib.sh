@@ -30,15 +30,21 @@ expect_status() {
 	[ "$got" = "$want" ] || fail "'$*' exited $got, expected $want"
 }
 
+# wait_file FILE WHAT LOG: wait (10 s at most) until a server started in the
+# background writes FILE (its port); fail naming WHAT, with LOG, if it does not
+wait_file() {
+	_i=0
+	while [ ! -s "$1" ]; do
+		_i=$((_i + 1)); [ $_i -gt 100 ] && fail "$2 did not start: $(cat "$3")"
+		sleep 0.1
+	done
+}
+
 # start_pyindex DIR: serve DIR/*.whl on 127.0.0.1; sets PIP_URL
 start_pyindex() {
 	$PY "$TOP/tests/fixtures/pyindex.py" serve "$1" "$T/pyindex.port" 2>"$T/pyindex.log" &
 	CLEANUP="$CLEANUP $!"
-	i=0
-	while [ ! -s "$T/pyindex.port" ]; do
-		i=$((i + 1)); [ $i -gt 100 ] && fail "pyindex did not start: $(cat "$T/pyindex.log")"
-		sleep 0.1
-	done
+	wait_file "$T/pyindex.port" pyindex "$T/pyindex.log"
 	PIP_URL="http://127.0.0.1:$(cat "$T/pyindex.port")/simple/"
 	export IMAGEBUILDER_PIP_INDEX_URL="$PIP_URL"
 }
@@ -47,11 +53,7 @@ start_pyindex() {
 start_static() {
 	$PY "$TOP/tests/fixtures/pyindex.py" static "$1" "$T/static.port" 2>"$T/static.log" &
 	CLEANUP="$CLEANUP $!"
-	i=0
-	while [ ! -s "$T/static.port" ]; do
-		i=$((i + 1)); [ $i -gt 100 ] && fail "static server did not start: $(cat "$T/static.log")"
-		sleep 0.1
-	done
+	wait_file "$T/static.port" "static server" "$T/static.log"
 	STATIC_URL="http://127.0.0.1:$(cat "$T/static.port")"
 }
 

@@ -231,11 +231,7 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout "$T/token.key" -out "$T/token.
 $PY "$TOP/tests/fixtures/registry/token-server.py" "$T/token.key" "$T/token.crt" "$T/token.port" builder \
 	"secret-$nonce" ib-test ib-test-issuer "$T/token.log" 2>"$T/token.err" &
 CLEANUP="$CLEANUP $!"
-i=0
-while [ ! -s "$T/token.port" ]; do
-	i=$((i + 1)); [ $i -gt 100 ] && fail "the token service did not start: $(cat "$T/token.err")"
-	sleep 0.1
-done
+wait_file "$T/token.port" "the token service" "$T/token.err"
 tport=$(free_port)
 reg_config bearer "$tport" "auth:
   token:

@@ -21,11 +21,7 @@ hostile() { # MODE: start hostile.py; sets HPORT and OTHER
 	$PY "$TOP/tests/fixtures/registry/hostile.py" "$1" "$T/ports" "$T/elsewhere.log" 2>"$T/hostile.err" &
 	HPID=$!
 	CLEANUP="$CLEANUP $HPID"
-	i=0
-	while [ ! -s "$T/ports" ]; do
-		i=$((i + 1)); [ $i -gt 100 ] && fail "hostile.py did not start: $(cat "$T/hostile.err")"
-		sleep 0.1
-	done
+	wait_file "$T/ports" hostile.py "$T/hostile.err"
 	HPORT=$(sed -n 1p "$T/ports")
 	OTHER=$(sed -n 2p "$T/ports")
 }

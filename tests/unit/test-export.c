@@ -55,7 +55,7 @@
 
 static char *root;		/* the temporary directory */
 static char *layer[3];
-static const ib_export_opts opts = { IMAGE_ID, EPOCH, 0 };
+static const ib_export_opts opts = { .image_id = IMAGE_ID, .epoch = EPOCH };
 
 /* ---- fixture helpers --------------------------------------------------- */
 
@@ -945,8 +945,8 @@ static bool same_file(const char *a, const char *b)
 TEST(ext4_export_deterministic)
 {
 	char *again = image_path("again.ext4");
-	ib_export_opts other = { "1123456789abcdef0123456789abcdeffedcba9876543210fedcba9876543210",
-				 EPOCH, 0 };
+	ib_export_opts other = { .image_id = "1123456789abcdef0123456789abcdeffedcba9876543210fedcba9876543210",
+				 .epoch = EPOCH };
 	bool same, differs;
 
 	export_once(ib_failed_);
@@ -967,7 +967,7 @@ TEST(ext4_export_epoch_zero)
 {
 	char *a = image_path("zero-a.ext4"), *b = image_path("zero-b.ext4"), *out;
 	const char *top[1] = { layer[2] };
-	ib_export_opts zero = { IMAGE_ID, 0, 0 };
+	ib_export_opts zero = { .image_id = IMAGE_ID };
 	bool same;
 	int st;
 
@@ -992,7 +992,7 @@ TEST(ext4_export_epoch_zero)
 TEST(ext4_export_rejects_bad_options)
 {
 	char *img = image_path("bad.ext4");
-	ib_export_opts bad = { "not-hex", EPOCH, 0 };
+	ib_export_opts bad = { .image_id = "not-hex", .epoch = EPOCH };
 	struct stat st;
 
 	ASSERT_INT_EQ(ib_ext4_write(img, layers(), 3, &bad, NULL), IB_EINVALID);
