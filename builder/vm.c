@@ -590,8 +590,12 @@ static int boot(struct ib_runner_session *s, const ib_run_req *req)
 		goto out;
 	free(path);
 	path = ib_xasprintf("%s/initrd", s->dir);
-	if ((err = ib_vm_initramfs(&k, sb->vm_init, path)) < 0 || (chmod(path, 0644) < 0 && (err = IB_ERROR)))
+	if ((err = ib_vm_initramfs(&k, sb->vm_init, path)) < 0)
 		goto out;
+	if (chmod(path, 0644) < 0) {
+		err = ib_error_set_errno(errno, "cannot make '%s' readable to the VM", path);
+		goto out;
+	}
 	free(path);
 	path = ib_xasprintf("%s/scratch.img", s->dir);
 	if ((err = empty_disk(path, empty,
@@ -612,10 +616,12 @@ static int boot(struct ib_runner_session *s, const ib_run_req *req)
 	if ((err = disk_file(path, LOWER_DISK_BYTES, &s->lists_fd)) < 0 || (err = open_for_qemu(path, O_RDONLY, &s->q_lists)) < 0)
 		goto out;
 	s->console_fd = open(s->console, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (s->console_fd < 0 || (err = open_for_qemu(s->console, O_WRONLY | O_APPEND, &s->q_console)) < 0) {
+	if (s->console_fd < 0) {
 		err = ib_error_set_errno(errno, "cannot create '%s'", s->console);
 		goto out;
 	}
+	if ((err = open_for_qemu(s->console, O_WRONLY | O_APPEND, &s->q_console)) < 0)
+		goto out;
 	dir_fd = open(s->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dir_fd < 0 || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0 || pipe2(sync_p, O_CLOEXEC) < 0 ||
 	    pipe2(go_p, O_CLOEXEC) < 0) {
